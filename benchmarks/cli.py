@@ -1,0 +1,31 @@
+"""Arguments shared by the command-line tools: config, overrides, data root, plugins."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fl_core.config import CellConfig, load_config
+from fl_core.registry import import_plugins
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="cell YAML config (default: benchmarks/configs/cell.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set fl.rounds=3 (repeatable)")
+    parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
+    parser.add_argument("--device", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers attacks/defenses/models (repeatable)")
+
+
+def cell_config(args: argparse.Namespace) -> CellConfig:
+    """Plugins imported, then the YAML + overrides resolved and validated (before any compute)."""
+    import_plugins(args.plugin)
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"runtime.data_root={args.data_root}")
+    if args.device:
+        overrides.append(f"runtime.device={args.device}")
+    return load_config(args.config or CONFIG_DIR / "cell.yaml", overrides)

@@ -1,0 +1,37 @@
+"""Run one experiment cell: ``python -m benchmarks.run --config cfg.yaml --set fl.rounds=3 --out runs/x``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.cli import add_cell_arguments, cell_config
+from fl_core.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    add_cell_arguments(parser)
+    parser.add_argument("--out", help="output folder (default: runs/cells/<config hash>)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = cell_config(args)
+    except (ConfigError, KeyError, ImportError) as err:
+        parser.exit(2, f"config error: {err}\n")
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from fl_core.fl import run_cell
+
+    out = Path(args.out or Path("runs") / "cells" / cfg.key())
+    record = run_cell(cfg, out)
+    m = record["metrics"]
+    print(f"ACC {m['acc']:.2f}  ASR {m['asr']:.2f}  RA {m['ra']:.2f}  "
+          f"({record['wall_seconds']:.0f} s) -> {out / 'record.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Datasets as uint8 tensors, the public/client split, client partitioners and batched augmentation.
+
+Images are decoded once into a tensor cache on disk (``<cache>/datasets/<name>.pt``) and
+from then on live as ``uint8`` tensors of shape (N, C, H, W); nothing in training touches PIL.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fl_core.seeding import numpy_rng, torch_generator
+
+DATA_ROOT_ENV = "FMFL_DATA_ROOT"
+# Known names -> torchvision class name and folders that hold the torchvision / idx layout.
+DATASETS = {
+    "cifar10": {"torchvision": "CIFAR10", "dirs": ["cifar-10-batches-py"]},
+    "cifar100": {"torchvision": "CIFAR100", "dirs": ["cifar-100-python"]},
+    "fashion_mnist": {"torchvision": "FashionMNIST", "dirs": ["FashionMNIST/raw"],
+                      "system_dirs": ["/usr/share/datasets/fashion-mnist"]},
+    "mnist": {"torchvision": "MNIST", "dirs": ["MNIST/raw"], "system_dirs": ["/usr/share/datasets/mnist"]},
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass
+class ImageData:
+    """A labelled image set: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor | np.ndarray) -> "ImageData":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageData(self.images[index], self.labels[index], self.classes)
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        return ImageData(self.images.to(device), self.labels.to(device), self.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: ImageData
+    test: ImageData
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+
+def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: the explicit argument, else $FMFL_DATA_ROOT, else ./data."""
+    return Path(root or os.environ.get(DATA_ROOT_ENV) or "data").expanduser()
+
+
+# ---------------------------------------------------------------- readers
+
+
+def _read_image_folder(split_dir: Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2.functional import resize
+
+    images, labels, size = [], [], None
+    for label, cls in enumerate(classes):
+        files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files:
+            img = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            size = size or tuple(img.shape[1:])
+            if tuple(img.shape[1:]) != size:
+                img = resize(img, list(size), antialias=True)
+            images.append(img)
+            labels.append(label)
+    if not images:
+        raise FileNotFoundError(f"no images under {split_dir}")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def _load_image_folder(tree: Path) -> tuple[ImageData, ImageData]:
+    classes = sorted(p.name for p in (tree / "train").iterdir() if p.is_dir())
+    test_classes = sorted(p.name for p in (tree / "test").iterdir() if p.is_dir())
+    if classes != test_classes:
+        raise ValueError(f"{tree}: train and test class folders differ: {classes} vs {test_classes}")
+    train = ImageData(*_read_image_folder(tree / "train", classes), classes)
+    test = ImageData(*_read_image_folder(tree / "test", classes), classes)
+    return train, test
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _load_idx_folder(folder: Path, classes: list[str]) -> tuple[ImageData, ImageData]:
+    splits = []
+    for prefix in ("train", "t10k"):
+        x = _read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte"))
+        y = _read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte"))
+        splits.append(ImageData(torch.from_numpy(x.copy()).unsqueeze(1),
+                                torch.from_numpy(y.astype(np.int64)), classes))
+    return splits[0], splits[1]
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> tuple[ImageData, ImageData]:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, DATASETS[name]["torchvision"])
+    splits = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=download)
+        x = torch.as_tensor(np.asarray(ds.data))
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        splits.append(ImageData(x.contiguous().to(torch.uint8), torch.as_tensor(ds.targets, dtype=torch.long),
+                                list(ds.classes)))
+    return splits[0], splits[1]
+
+
+TORCHVISION_CLASSES = {
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "mnist": [str(i) for i in range(10)],
+}
+
+
+def _locate(name: str, root: Path, download: bool):
+    """Find a loader for ``name``; returns (description, loader) or raises naming every place looked at."""
+    looked = []
+    tree = root / name
+    looked.append(f"ImageFolder tree {tree}/{{train,test}}/<class>/*")
+    if (tree / "train").is_dir() and (tree / "test").is_dir():
+        return f"imagefolder:{tree}", lambda: _load_image_folder(tree)
+    info = DATASETS.get(name)
+    if info is not None:
+        for rel in info["dirs"]:
+            folder = root / rel
+            looked.append(f"torchvision layout {folder}")
+            if folder.is_dir():
+                if name in TORCHVISION_CLASSES:
+                    return f"idx:{folder}", lambda f=folder: _load_idx_folder(f, TORCHVISION_CLASSES[name])
+                return f"torchvision:{folder}", lambda: _load_torchvision(name, root, download=False)
+        for sys_dir in info.get("system_dirs", []):
+            folder = Path(sys_dir)
+            looked.append(f"system package folder {folder}")
+            if _find_idx(folder, "train-images-idx3-ubyte") is not None:
+                return f"idx:{folder}", lambda f=folder: _load_idx_folder(f, TORCHVISION_CLASSES[name])
+        if download:
+            return f"torchvision-download:{root}", lambda: _load_torchvision(name, root, download=True)
+        looked.append("torchvision download (disabled: set data.download=true where the network allows)")
+    raise FileNotFoundError(
+        f"dataset {name!r} not found (known names: {', '.join(DATASETS)}, or any ImageFolder tree). "
+        "Looked at:\n  - " + "\n  - ".join(looked)
+        + f"\nSet the data root with --data-root or ${DATA_ROOT_ENV}.")
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                 download: bool = False) -> Dataset:
+    """Load ``name`` from the tensor cache, decoding it there first if needed."""
+    root = resolve_data_root(root)
+    cache = Path(cache_dir) if cache_dir else root / "cache"
+    cache_file = cache / "datasets" / f"{name}.pt"
+    if not cache_file.is_file():
+        source, loader = _locate(name, root, download)
+        train, test = loader()
+        x = train.images.float() / 255.0
+        blob = {
+            "train_images": train.images, "train_labels": train.labels,
+            "test_images": test.images, "test_labels": test.labels,
+            "classes": list(train.classes), "source": source,
+            "mean": x.mean(dim=(0, 2, 3)).tolist(), "std": x.std(dim=(0, 2, 3)).tolist(),
+        }
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, cache_file)
+    blob = torch.load(cache_file, weights_only=True)
+    classes = list(blob["classes"])
+    return Dataset(
+        name=name,
+        train=ImageData(blob["train_images"], blob["train_labels"], classes),
+        test=ImageData(blob["test_images"], blob["test_labels"], classes),
+        mean=tuple(blob["mean"]), std=tuple(blob["std"]), source=blob["source"],
+    )
+
+
+# ---------------------------------------------------------------- pools and partitions
+
+
+def stratified_split(labels: torch.Tensor, size: int, seed: int, *keys: object) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, chosen) with ``size`` chosen, class proportions kept."""
+    labels = np.asarray(labels)
+    if not 0 <= size <= len(labels):
+        raise ValueError(f"cannot take {size} of {len(labels)} samples")
+    rng = numpy_rng(seed, "stratified", *keys)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(counts / counts.sum() * size).astype(int)
+    for i in np.argsort(-(counts / counts.sum() * size - quota))[: size - quota.sum()]:
+        quota[i] += 1
+    chosen = []
+    for cls, q in zip(classes, quota):
+        idx = np.flatnonzero(labels == cls)
+        chosen.append(rng.choice(idx, size=q, replace=False))
+    chosen = np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=int)
+    rest = np.setdiff1d(np.arange(len(labels)), chosen)
+    return rest, chosen
+
+
+def _check_min(parts: list[np.ndarray], min_samples: int, what: str) -> list[np.ndarray]:
+    smallest = min(len(p) for p in parts)
+    if smallest < min_samples:
+        raise ValueError(f"{what}: a client got {smallest} samples < data.min_samples={min_samples}; "
+                         "use fewer clients, a larger client pool or a smaller min_samples")
+    return [np.sort(p) for p in parts]
+
+
+def partition_iid(labels: np.ndarray, num_clients: int, min_samples: int, seed: int) -> list[np.ndarray]:
+    """Uniformly random equal-size split."""
+    perm = numpy_rng(seed, "partition", "iid").permutation(len(labels))
+    return _check_min(np.array_split(perm, num_clients), min_samples, "iid partition")
+
+
+def partition_dirichlet(labels: np.ndarray, num_clients: int, beta: float, min_samples: int, seed: int,
+                        max_tries: int = 1000) -> list[np.ndarray]:
+    """Label skew: each class is spread over clients with Dirichlet(beta) proportions.
+
+    Redraws (up to ``max_tries``) until every client holds at least ``min_samples``.
+    """
+    labels = np.asarray(labels)
+    rng = numpy_rng(seed, "partition", "dirichlet")
+    if len(labels) < num_clients * min_samples:
+        raise ValueError(f"dirichlet partition: {len(labels)} samples cannot give {num_clients} clients "
+                         f"{min_samples} each")
+    for _ in range(max_tries):
+        parts = [[] for _ in range(num_clients)]
+        for cls in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == cls))
+            props = rng.dirichlet(np.full(num_clients, beta))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for client, chunk in enumerate(np.split(idx, cuts)):
+                parts[client].append(chunk)
+        parts = [np.concatenate(p) for p in parts]
+        if min(len(p) for p in parts) >= min_samples:
+            return [np.sort(p) for p in parts]
+    raise ValueError(f"dirichlet partition: no draw in {max_tries} gave every client >= {min_samples} samples "
+                     f"(beta={beta}); raise beta or lower data.min_samples")
+
+
+def partition_shards(labels: np.ndarray, num_clients: int, shards_per_client: int, min_samples: int,
+                     seed: int) -> list[np.ndarray]:
+    """Sort by label, cut into equal shards, deal ``shards_per_client`` random shards to each client."""
+    labels = np.asarray(labels)
+    rng = numpy_rng(seed, "partition", "shards")
+    order = np.argsort(labels, kind="stable")
+    shards = np.array_split(order, num_clients * shards_per_client)
+    deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
+    return _check_min([np.concatenate([shards[s] for s in row]) for row in deal], min_samples, "shards partition")
+
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str, *, beta: float = 0.5, shards_per_client: int = 2,
+              min_samples: int = 1, seed: int = 0) -> list[np.ndarray]:
+    """Client index lists (into ``labels``) for partition ``scheme``."""
+    if scheme == "iid":
+        return partition_iid(labels, num_clients, min_samples, seed)
+    if scheme == "dirichlet":
+        return partition_dirichlet(labels, num_clients, beta, min_samples, seed)
+    if scheme == "shards":
+        return partition_shards(labels, num_clients, shards_per_client, min_samples, seed)
+    raise ValueError(f"unknown partition {scheme!r}; valid: iid, dirichlet, shards")
+
+
+# ---------------------------------------------------------------- batches and augmentation
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (float input passes through)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Batched random crop (zero padding ``pad``) and horizontal flip of float images (B, C, H, W)."""
+    b, c, h, w = x.shape
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
+    flips = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w, device=x.device))
+    cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+class TensorBatches(torch.utils.data.IterableDataset):
+    """Mini-batches drawn from in-memory tensors by a seeded permutation (no per-sample work).
+
+    With ``steps`` set, yields exactly that many batches, reshuffling at each pass; else one
+    pass per iteration, a new order each time it is iterated.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 steps: int | None = None, shuffle: bool = True):
+        self.images, self.labels = images, labels
+        self.batch_size, self.steps, self.shuffle = batch_size, steps, shuffle
+        self.generator = torch_generator(seed, "batches")
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.labels)
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def __len__(self) -> int:
+        return self.steps if self.steps is not None else -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        emitted = 0
+        while True:
+            order = self._order().to(self.images.device)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start: start + self.batch_size]
+                yield self.images[idx], self.labels[idx]
+                emitted += 1
+                if self.steps is not None and emitted >= self.steps:
+                    return
+            if self.steps is None:
+                return
+
+
+def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 steps: int | None = None, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`TensorBatches` (batches are pre-formed, so ``batch_size=None``)."""
+    return torch.utils.data.DataLoader(TensorBatches(images, labels, batch_size, seed, steps, shuffle),
+                                       batch_size=None)

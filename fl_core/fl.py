@@ -1,0 +1,300 @@
+"""The FM-integrated FL loop of [P1]: pre-train on synthetic data, local training, FedAvg, ensemble distillation.
+
+``run_cell(cfg)`` runs one experiment cell and returns a tidy record (config, final metrics,
+per-round curves, timings, versions); ``prepare(cfg)`` builds the data side only.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from fl_core.config import CellConfig
+from fl_core.data import Dataset, ImageData, batch_loader, load_dataset, partition, resolve_data_root, stratified_split
+from fl_core.hooks import ClientUpdate, FusionPlan, ServerContext, State
+from fl_core.metrics import backdoor_test_set, evaluate
+from fl_core.models import build_model
+from fl_core.modules import FusionModule, SupervisedModule, fit
+from fl_core.seeding import derive_seed, numpy_rng
+from fl_core.synthetic import SyntheticRequest, synthetic_set
+
+
+class DivergedError(RuntimeError):
+    """Training produced non-finite parameters or metrics."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device asks for CUDA but no GPU is available")
+    return device
+
+
+@dataclass
+class Setup:
+    """The data side of a cell: dataset, client shards, public pool and where things run."""
+
+    cfg: CellConfig
+    dataset: Dataset
+    clients: list[ImageData]
+    public: ImageData
+    test: ImageData
+    device: torch.device
+    cache_dir: Path
+
+    @property
+    def accelerator(self) -> str:
+        return "gpu" if self.device.type == "cuda" else "cpu"
+
+    def synthetic_request(self) -> SyntheticRequest:
+        return SyntheticRequest(self.cfg.synthetic, self.dataset, self.public, self.cfg.seed, self.cache_dir,
+                                self.device)
+
+
+def prepare(cfg: CellConfig) -> Setup:
+    """Load the dataset, carve the public pool, subsample, partition the client pool (all seeded)."""
+    rt = cfg.runtime
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    root = resolve_data_root(rt.data_root)
+    cache_dir = Path(rt.cache_dir) if rt.cache_dir else root / "cache"
+    ds = load_dataset(cfg.data.dataset, root, cache_dir, cfg.data.download)
+    d = cfg.data
+    if cfg.backdoor.target >= ds.num_classes or (cfg.backdoor.source or 0) >= ds.num_classes:
+        raise ValueError(f"backdoor.target/source must be < {ds.num_classes} classes of {ds.name}")
+    if d.public_size >= len(ds.train):
+        raise ValueError(f"data.public_size={d.public_size} leaves no client data ({len(ds.train)} train images)")
+    client_idx, public_idx = stratified_split(ds.train.labels, d.public_size, cfg.seed, "public")
+    pool = ds.train.subset(client_idx)
+    if d.client_pool_size is not None and d.client_pool_size < len(pool):
+        _, keep = stratified_split(pool.labels, d.client_pool_size, cfg.seed, "client-pool")
+        pool = pool.subset(keep)
+    test = ds.test
+    if d.test_size is not None and d.test_size < len(test):
+        _, keep = stratified_split(test.labels, d.test_size, cfg.seed, "test")
+        test = test.subset(keep)
+    parts = partition(pool.labels.numpy(), cfg.fl.num_clients, d.partition, beta=d.beta,
+                      shards_per_client=d.shards_per_client, min_samples=d.min_samples, seed=cfg.seed)
+    device = resolve_device(rt.device)
+    clients = [pool.subset(p).to(device) for p in parts]
+    return Setup(cfg, ds, clients, ds.train.subset(public_idx), test, device, cache_dir)
+
+
+def fedavg(states: list[State], weights: list[float]) -> State:
+    """Weighted mean of floating-point entries; integer buffers (BN counters) from the first state."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            stacked = torch.stack([s[key].double() for s in states])
+            out[key] = torch.einsum("n,n...->...", w.to(stacked.device), stacked).to(first.dtype)
+        else:
+            out[key] = first.clone()
+    return out
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
+    """The clients of ``round_idx`` (sorted), a seeded draw without replacement."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    return sorted(numpy_rng(seed, "sample", round_idx).choice(num_clients, per_round, replace=False).tolist())
+
+
+def versions() -> dict:
+    import lightning
+    import torchvision
+
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": lightning.__version__, "git_commit": commit, "platform": platform.platform()}
+
+
+def _check_finite(model: nn.Module, what: str) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise DivergedError(f"{what}: parameter {name} is not finite")
+
+
+class _Timer:
+    """Accumulates seconds spent inside ``with timer():`` blocks."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextmanager
+    def __call__(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=print) -> dict:
+    """Run one experiment cell; writes ``record.json`` and ``models/`` under ``out_dir`` if given."""
+    import attacks
+    import defenses
+
+    started = time.time()
+    L.seed_everything(cfg.seed, verbose=False)
+    setup = prepare(cfg)
+    device, seed, acc = setup.device, cfg.seed, setup.accelerator
+    attack = attacks.ATTACKS.get(cfg.attack.name)(**cfg.attack.params)
+    defense = defenses.DEFENSES.get(cfg.defense.name)(**cfg.defense.params)
+    trigger = attacks.make_trigger(cfg.backdoor.trigger)
+    specs = cfg.model.specs()
+    n_clients, n_protos = cfg.fl.num_clients, len(specs)
+    if defense.parameter_space and n_protos > 1:
+        raise NotImplementedError(f"defense {cfg.defense.name!r} compares parameters across clients and "
+                                  "cannot apply to heterogeneous prototypes")
+
+    synthetic, manifest = synthetic_set(setup.synthetic_request())
+    syn = {stage: attack.poison_synthetic(synthetic, stage, seed).to(device) for stage in ("pretrain", "fusion")}
+    malicious = sorted(set(attack.malicious_clients(n_clients, seed)))
+    clients = [attack.poison_client_data(i, d, seed) if i in malicious else d for i, d in enumerate(setup.clients)]
+    proto_of = [i % n_protos for i in range(n_clients)]
+    proto_clients = [proto_of.count(p) for p in range(n_protos)]
+    channels = setup.dataset.image_shape[0]
+    k = setup.dataset.num_classes
+
+    models = []
+    for p, spec in enumerate(specs):
+        torch.manual_seed(derive_seed(seed, "init", p))
+        models.append(build_model(spec, channels, k, setup.dataset.mean, setup.dataset.std).to(device))
+
+    backdoor_set = backdoor_test_set(setup.test, cfg.backdoor, trigger, seed)
+    rounds: list[dict] = []
+
+    def record_round(r: int, seconds: float, defense_seconds: float) -> dict:
+        per_proto = [evaluate(m, setup.test, backdoor_set, cfg.eval.batch_size, device) for m in models]
+        w = np.array(proto_clients, dtype=float) / n_clients
+        row = {"round": r, **{m: float(sum(wi * pm[m] for wi, pm in zip(w, per_proto))) for m in ("acc", "asr", "ra")},
+               "seconds": seconds, "defense_seconds": defense_seconds}
+        if n_protos > 1:
+            row["prototypes"] = per_proto
+        if not all(math.isfinite(row[m]) for m in ("acc", "asr", "ra")):
+            raise DivergedError(f"round {r}: non-finite metrics {row}")
+        rounds.append(row)
+        return row
+
+    t0 = time.perf_counter()
+    if cfg.pretrain.enabled and cfg.pretrain.epochs > 0:
+        data = syn["pretrain"]
+        for p, model in enumerate(models):
+            loader = batch_loader(data.images, data.labels, cfg.pretrain.optim.batch_size, derive_seed(seed, "pre", p))
+            fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(seed, "pre-aug", p)),
+                loader, acc, max_epochs=cfg.pretrain.epochs)
+            _check_finite(model, "pre-training")
+    pre = record_round(0, time.perf_counter() - t0, 0.0)
+    log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
+
+    bar = _progress(cfg)
+    for r in range(1, cfg.fl.rounds + 1):
+        t_round, d_time, local_time, fusion_time = time.perf_counter(), _Timer(), _Timer(), _Timer()
+        ctx = ServerContext(round=r, seed=seed, device=device, num_classes=k, synthetic=syn["fusion"],
+                            num_prototypes=n_protos)
+        updates: list[ClientUpdate] = []
+        for cid in sample_clients(n_clients, cfg.fl.clients_per_round, seed, r):
+            p = proto_of[cid]
+            local = copy.deepcopy(models[p])
+            data = clients[cid]
+            loader = batch_loader(data.images, data.labels, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid))
+            with local_time():
+                fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid)),
+                    loader, acc, max_epochs=cfg.fl.local_epochs)
+            update = ClientUpdate(cid, p, len(data), local)
+            if cid in malicious:
+                update = attack.poison_update(update, models[p], ctx)
+            with d_time():
+                update = defense.filter_update(update, models[p], ctx)
+            if update is not None:
+                updates.append(update)
+        for p, model in enumerate(models):
+            mine = [u for u in updates if u.prototype == p]
+            if mine:
+                with d_time():
+                    state = defense.aggregate(mine, model, ctx)
+                if state is None:
+                    state = fedavg([u.state() for u in mine], [u.num_samples for u in mine])
+                model.load_state_dict(state)
+            if cfg.fl.fusion == "feddf" and updates and cfg.fusion.steps > 0:
+                plan = FusionPlan(p, list(updates), torch.ones(len(updates)), syn["fusion"])
+                with d_time():
+                    plan = defense.on_fusion(plan, model, ctx)
+                if plan.teachers:
+                    loader = batch_loader(plan.synthetic.images, plan.synthetic.labels, cfg.fusion.optim.batch_size,
+                                          derive_seed(seed, "fusion", r, p), steps=cfg.fusion.steps)
+                    module = FusionModule(model, [u.model for u in plan.teachers], plan.teacher_weights, cfg.fusion,
+                                          derive_seed(seed, "fusion-aug", r, p))
+                    with fusion_time():
+                        fit(module, loader, acc, callbacks=plan.callbacks)
+            with d_time():
+                models[p] = defense.after_round(model, p, ctx)
+            _check_finite(models[p], f"round {r}")
+        seconds = time.perf_counter() - t_round
+        if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
+            row = record_round(r, seconds, d_time.seconds)
+            row.update(local_seconds=local_time.seconds, fusion_seconds=fusion_time.seconds)
+            bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
+        bar.update(1)
+    bar.close()
+
+    final = rounds[-1]
+    record = {
+        "key": cfg.key(),
+        "config": cfg.to_dict(with_runtime=False),
+        "attack": attack.describe(),
+        "defense": defense.describe(),
+        "metrics": {m: final[m] for m in ("acc", "asr", "ra")},
+        "prototype_metrics": final.get("prototypes"),
+        "rounds": rounds,
+        "malicious_clients": malicious,
+        "client_sizes": [len(c) for c in setup.clients],
+        "synthetic": {k_: manifest[k_] for k_ in ("provider", "size", "content_sha256")},
+        "dataset_source": setup.dataset.source,
+        "wall_seconds": time.time() - started,
+        "train_seconds": time.perf_counter() - t0,
+        "defense_seconds": float(sum(r_.get("defense_seconds", 0.0) for r_ in rounds)),
+        "device": str(device),
+        "versions": versions(),
+    }
+    if out_dir is not None:
+        save_cell(record, models, Path(out_dir))
+    return record
+
+
+def _progress(cfg: CellConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.fl.rounds, desc=f"cell {cfg.key()}", unit="round", disable=not cfg.runtime.progress,
+                leave=False)
+
+
+def save_cell(record: dict, models: list[nn.Module], out_dir: Path) -> None:
+    """Write the final global model(s) and ``record.json`` (last, atomically: its presence means done)."""
+    (out_dir / "models").mkdir(parents=True, exist_ok=True)
+    for p, model in enumerate(models):
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / "models" / f"prototype{p}.pt")
+    tmp = out_dir / "record.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out_dir / "record.json")

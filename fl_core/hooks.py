@@ -1,0 +1,111 @@
+"""The typed hooks through which attacks and defenses act on the FL loop.
+
+An attack or a defense overrides only the hooks it needs; every default is a no-op.
+A defense receives what a real server has (client updates, the server's synthetic set,
+its own state) and never test data: no hook's arguments carry it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from fl_core.data import ImageData
+
+Stage = Literal["pretrain", "fusion"]
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class ServerContext:
+    """What the server knows in a round."""
+
+    round: int  # 0 = before the first round (pre-training), then 1..rounds
+    seed: int
+    device: torch.device
+    num_classes: int
+    synthetic: ImageData  # the synthetic set the server distils on (as received from the FM)
+    num_prototypes: int = 1
+
+
+@dataclass
+class ClientUpdate:
+    """One client's result of local training."""
+
+    client_id: int
+    prototype: int
+    num_samples: int
+    model: nn.Module  # the trained local model (a teacher during fusion)
+
+    def state(self) -> State:
+        return self.model.state_dict()
+
+    def delta(self, global_model: nn.Module) -> State:
+        """Trained minus global floating-point parameters and buffers."""
+        glob = global_model.state_dict()
+        return {k: v - glob[k] for k, v in self.state().items() if v.is_floating_point()}
+
+
+@dataclass
+class FusionPlan:
+    """What one prototype's distillation will use; a defense may edit it in ``on_fusion``."""
+
+    prototype: int
+    teachers: list[ClientUpdate]
+    teacher_weights: torch.Tensor  # one non-negative weight per teacher
+    synthetic: ImageData
+    callbacks: list = field(default_factory=list)  # extra Lightning callbacks for the fusion Trainer
+
+
+class Attack:
+    """Base class of attacks. ``malicious_clients`` picks who is compromised (none by default)."""
+
+    name: ClassVar[str] = "none"
+
+    def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
+        return []
+
+    def poison_synthetic(self, synthetic: ImageData, stage: Stage, seed: int) -> ImageData:
+        """Alter the FM's synthetic set used at ``stage`` (pre-training or fusion)."""
+        return synthetic
+
+    def poison_client_data(self, client_id: int, data: ImageData, seed: int) -> ImageData:
+        """Alter a malicious client's local data (called for malicious clients only)."""
+        return data
+
+    def poison_update(self, update: ClientUpdate, global_model: nn.Module, ctx: ServerContext) -> ClientUpdate:
+        """Alter a malicious client's update before the server sees it."""
+        return update
+
+    def describe(self) -> dict:
+        """Name and parameters, for the result record."""
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+class Defense:
+    """Base class of defenses. ``consumes`` declares what server data the defense uses."""
+
+    name: ClassVar[str] = "none"
+    consumes: ClassVar[frozenset[str]] = frozenset()  # subset of {"updates", "synthetic"}
+    parameter_space: ClassVar[bool] = False  # compares parameters across clients (same architecture only)
+
+    def filter_update(self, update: ClientUpdate, global_model: nn.Module, ctx: ServerContext) -> ClientUpdate | None:
+        """Inspect or change one update; return None to drop it."""
+        return update
+
+    def aggregate(self, updates: list[ClientUpdate], global_model: nn.Module, ctx: ServerContext) -> State | None:
+        """Replace the aggregation of one prototype's updates; None keeps the sample-weighted FedAvg."""
+        return None
+
+    def on_fusion(self, plan: FusionPlan, global_model: nn.Module, ctx: ServerContext) -> FusionPlan:
+        """Edit the distillation plan: teachers, their weights, the data, Lightning callbacks."""
+        return plan
+
+    def after_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> nn.Module:
+        """Transform a fused global model before evaluation and broadcast."""
+        return global_model
+
+    def describe(self) -> dict:
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}

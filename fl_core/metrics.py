@@ -1,0 +1,61 @@
+"""Clean accuracy (ACC), attack success rate (ASR) and robust accuracy (RA) with torchmetrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from fl_core.config import BackdoorConfig
+from fl_core.data import ImageData, to_float
+
+
+@dataclass
+class BackdoorTestSet:
+    """Triggered test images whose true label is not the target (all-to-one) or is the source (one-to-one)."""
+
+    images: torch.Tensor  # uint8, trigger applied
+    labels: torch.Tensor  # true labels
+    targets: torch.Tensor  # the attacker's target label per sample
+
+
+def backdoor_test_set(test: ImageData, backdoor: BackdoorConfig, trigger, seed: int) -> BackdoorTestSet:
+    """Apply ``trigger`` to the eligible test samples (see :class:`BackdoorTestSet`)."""
+    if backdoor.mapping == "one-to-one":
+        keep = test.labels == backdoor.source
+    else:
+        keep = test.labels != backdoor.target
+    labels = test.labels[keep]
+    images = trigger.apply(test.images[keep], seed=seed)
+    return BackdoorTestSet(images, labels, torch.full_like(labels, backdoor.target))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predicted labels (on the CPU) of uint8 images, in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    preds = [model(to_float(images[i: i + batch_size].to(device))).argmax(-1).cpu()
+             for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Micro accuracy in percent."""
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    return 100.0 * float(metric(preds, labels))
+
+
+def evaluate(model: nn.Module, test: ImageData, backdoor_set: BackdoorTestSet, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """ACC on clean test data, ASR and RA on the triggered set, in percent."""
+    k = test.num_classes
+    clean = predict(model, test.images, batch_size, device)
+    triggered = predict(model, backdoor_set.images, batch_size, device)
+    return {
+        "acc": accuracy(clean, test.labels, k),
+        "asr": accuracy(triggered, backdoor_set.targets, k),
+        "ra": accuracy(triggered, backdoor_set.labels, k),
+    }

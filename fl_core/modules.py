@@ -1,0 +1,115 @@
+"""LightningModules for the two training stages: supervised (client / pre-training) and fusion (distillation)."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_core.config import FusionConfig, OptimConfig
+from fl_core.data import augment, to_float
+from fl_core.seeding import torch_generator
+
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
+warnings.filterwarnings("ignore", ".*isn't using any accelerator|GPU available but not used.*")
+warnings.filterwarnings("ignore", ".*treespec.*")
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser named by ``cfg`` (sgd with momentum, adam, adamw)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+class _Stage(L.LightningModule):
+    """Shared parts: float conversion + batched augmentation with a seeded generator, optimiser."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, augment_inputs: bool, seed: int):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.augment_inputs = augment_inputs
+        self.generator = torch_generator(seed, "augment")
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images)
+        return augment(x, self.generator) if self.augment_inputs else x
+
+    def configure_optimizers(self):
+        return make_optimizer(self.model.parameters(), self.optim)
+
+
+class SupervisedModule(_Stage):
+    """Cross-entropy training: a client's local training and the server's pre-training on synthetic data."""
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = F.cross_entropy(self.model(self.inputs(images)), labels)
+        self.log("train_loss", loss, prog_bar=False, logger=False)
+        return loss
+
+
+def ensemble_logits(teachers: list[nn.Module], weights: torch.Tensor, x: torch.Tensor, mode: str = "logits"):
+    """Weighted ensemble output: mean logits (FedDF, [P1]) or log of the mean probabilities."""
+    weights = weights.to(x.device, torch.float32) / weights.sum()
+    outs = torch.stack([t(x) for t in teachers])
+    if mode == "logits":
+        return torch.einsum("t,tbc->bc", weights, outs)
+    return torch.log(torch.einsum("t,tbc->bc", weights, outs.softmax(-1)).clamp_min(1e-12))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """alpha * CE(student, label) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                  reduction="batchmean", log_target=True)
+    loss = (1 - alpha) * t * t * kl
+    if alpha > 0:
+        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+class FusionModule(_Stage):
+    """Distils the weighted ensemble of this round's client models into one global model."""
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], teacher_weights: torch.Tensor,
+                 cfg: FusionConfig, seed: int, ensemble: str = "logits"):
+        super().__init__(student, cfg.optim, cfg.augment, seed)
+        self.teachers = nn.ModuleList(teachers).requires_grad_(False)
+        self.register_buffer("teacher_weights", teacher_weights.float(), persistent=False)
+        self.alpha, self.temperature, self.ensemble = cfg.alpha, cfg.temperature, ensemble
+
+    def on_train_epoch_start(self) -> None:
+        self.teachers.eval()
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        x = self.inputs(images)
+        with torch.no_grad():
+            target = ensemble_logits(list(self.teachers), self.teacher_weights, x, self.ensemble)
+        loss = distillation_loss(self.model(x), target, labels, self.alpha, self.temperature)
+        self.log("fusion_loss", loss, prog_bar=False, logger=False)
+        return loss
+
+
+def fit(module: L.LightningModule, loader, accelerator: str, *, max_epochs: int = 1, max_steps: int = -1,
+        callbacks: list | None = None) -> None:
+    """Run a quiet Lightning Trainer (no logger, checkpoints or progress bar) on ``module``."""
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=callbacks or [],
+    )
+    trainer.fit(module, train_dataloaders=loader)

@@ -1,0 +1,276 @@
+"""Synthetic data from a foundation model (FM): one interface, cached on disk with a manifest.
+
+Providers return class-balanced ``ImageData`` (uint8) at the dataset's resolution:
+
+* ``heldout``   - samples of the disjoint public pool: the offline stand-in for FM output;
+* ``ddpm``      - a class-conditional diffusers ``UNet2DModel`` trained on the public pool
+                  (``python -m fl_core.synthetic train-ddpm``) and sampled with DDIM;
+* ``diffusers`` - any text-to-image diffusers pipeline (local folder or hub id) with per-class prompts.
+
+Poisoning is not a provider's job: attacks alter the returned set.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from fl_core.config import DDPMConfig, SyntheticConfig
+from fl_core.data import Dataset, ImageData, batch_loader, to_float
+from fl_core.registry import Registry
+from fl_core.seeding import derive_seed, numpy_rng, torch_generator
+
+
+@dataclass
+class SyntheticRequest:
+    """Everything a provider may use: never client data, never test data."""
+
+    cfg: SyntheticConfig
+    dataset: Dataset  # for its name, classes, resolution and normalisation only
+    public: ImageData  # the public pool (what the FM "knows")
+    seed: int
+    cache_dir: Path
+    device: torch.device
+
+
+PROVIDERS: Registry[Callable[[SyntheticRequest], ImageData]] = Registry("synthetic provider", "fmfl.synthetic")
+
+
+def balanced_counts(size: int, num_classes: int) -> list[int]:
+    """``size`` split as evenly as possible over classes (earlier classes take the remainder)."""
+    return [size // num_classes + (1 if k < size % num_classes else 0) for k in range(num_classes)]
+
+
+def content_hash(data: ImageData) -> str:
+    digest = hashlib.sha256(data.images.cpu().numpy().tobytes())
+    digest.update(data.labels.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@PROVIDERS.register("heldout")
+def heldout(req: SyntheticRequest) -> ImageData:
+    """Class-balanced random samples of the public pool."""
+    rng = numpy_rng(req.seed, "synthetic", "heldout")
+    labels = req.public.labels.numpy()
+    chosen = []
+    for k, count in enumerate(balanced_counts(req.cfg.size, req.dataset.num_classes)):
+        pool = (labels == k).nonzero()[0]
+        if len(pool) < count:
+            raise ValueError(f"heldout synthetic set: class {k} has {len(pool)} public samples, needs {count}; "
+                             "raise data.public_size or lower synthetic.size")
+        chosen.append(rng.choice(pool, size=count, replace=False))
+    return req.public.subset(torch.from_numpy(numpy_concat(chosen)))
+
+
+def numpy_concat(parts):
+    import numpy as np
+
+    return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- DDPM (trained here, offline)
+
+
+def ddpm_unet(cfg: DDPMConfig, channels: int, image_size: int, num_classes: int):
+    from diffusers import UNet2DModel
+
+    b = cfg.base_channels
+    return UNet2DModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels, layers_per_block=2 if b >= 32 else 1,
+        block_out_channels=(b, 2 * b, 2 * b), norm_num_groups=min(32, b),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_classes,
+    )
+
+
+def ddpm_folder(req: SyntheticRequest) -> Path:
+    """Where the DDPM weights for this dataset / public pool / training config live."""
+    if req.cfg.ddpm.weights:
+        return Path(req.cfg.ddpm.weights)
+    train_keys = {k: v for k, v in dataclasses.asdict(req.cfg.ddpm).items() if k.startswith(("train", "base", "image"))}
+    key = hashlib.sha256(json.dumps([req.dataset.name, len(req.public), req.seed, train_keys],
+                                    sort_keys=True).encode()).hexdigest()[:10]
+    return req.cache_dir / "ddpm" / f"{req.dataset.name}-{key}"
+
+
+class DDPMModule(L.LightningModule):
+    """Noise-prediction training of a class-conditional UNet (epsilon objective)."""
+
+    def __init__(self, unet, scheduler, lr: float, seed: int):
+        super().__init__()
+        self.unet, self.scheduler, self.lr = unet, scheduler, lr
+        self.generator = torch_generator(seed, "ddpm-train")
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        x0 = to_float(images) * 2 - 1
+        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator)
+        xt = self.scheduler.add_noise(x0, noise, t.to(x0.device))
+        pred = self.unet(xt, t.to(x0.device), class_labels=labels).sample
+        return F.mse_loss(pred, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.unet.parameters(), lr=self.lr)
+
+
+def train_ddpm(req: SyntheticRequest, accelerator: str = "auto") -> Path:
+    """Train the provider's DDPM on the public pool and save it (diffusers format, safetensors)."""
+    from diffusers import DDPMScheduler
+
+    from fl_core.modules import fit
+
+    cfg = req.cfg.ddpm
+    channels, h, _ = req.dataset.image_shape
+    size = cfg.image_size or h
+    torch.manual_seed(derive_seed(req.seed, "ddpm-init"))
+    unet = ddpm_unet(cfg, channels, size, req.dataset.num_classes)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    images = req.public.images
+    if size != h:
+        images = (F.interpolate(to_float(images), size=(size, size), mode="bilinear", antialias=True) * 255).round().to(torch.uint8)
+    loader = batch_loader(images, req.public.labels, cfg.train_batch, derive_seed(req.seed, "ddpm"),
+                          steps=cfg.train_steps)
+    fit(DDPMModule(unet, scheduler, cfg.train_lr, req.seed), loader, accelerator)
+    folder = ddpm_folder(req)
+    unet.save_pretrained(folder / "unet")
+    scheduler.save_pretrained(folder / "scheduler")
+    return folder
+
+
+@PROVIDERS.register("ddpm")
+def ddpm(req: SyntheticRequest) -> ImageData:
+    """Class-balanced DDIM samples of the trained class-conditional DDPM."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    folder = ddpm_folder(req)
+    if not (folder / "unet").is_dir():
+        raise FileNotFoundError(
+            f"no trained DDPM at {folder}; train it first with\n"
+            "  python -m fl_core.synthetic train-ddpm --config <your cell config>")
+    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(req.device).eval()
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    scheduler.set_timesteps(req.cfg.ddpm.sample_steps)
+    k = req.dataset.num_classes
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(balanced_counts(req.cfg.size, k))])
+    gen = torch_generator(req.seed, "ddpm-sample")
+    channels, h, w = req.dataset.image_shape
+    size = unet.config.sample_size
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(labels), req.cfg.ddpm.sample_batch):
+            y = labels[start: start + req.cfg.ddpm.sample_batch].to(req.device)
+            x = torch.randn((len(y), channels, size, size), generator=gen).to(req.device)
+            for t in scheduler.timesteps:
+                eps = unet(x, t, class_labels=y).sample
+                x = scheduler.step(eps, t, x).prev_sample
+            out.append(to_uint8((x.clamp(-1, 1) + 1) / 2, (h, w)))
+    return ImageData(torch.cat(out), labels, req.dataset.train.classes)
+
+
+def to_uint8(x: torch.Tensor, size: tuple[int, int], channels: int | None = None) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8 on the CPU at ``size`` (and ``channels``: 1 = luminance)."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    if channels == 1 and x.shape[1] == 3:
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+# ---------------------------------------------------------------- text-to-image pipelines
+
+
+def class_prompts(cfg: SyntheticConfig, classes: list[str]) -> list[str]:
+    """One prompt per class: ``class_prompts[name]`` or the template with the class name."""
+    d = cfg.diffusers
+    return [d.class_prompts.get(name, d.prompt_template.format(label=name.replace("_", " "))) for name in classes]
+
+
+@PROVIDERS.register("diffusers")
+def diffusers_pipeline(req: SyntheticRequest) -> ImageData:
+    """Class-balanced images of a text-to-image pipeline, resized to the dataset resolution."""
+    from diffusers import DiffusionPipeline
+
+    d = req.cfg.diffusers
+    pipe = DiffusionPipeline.from_pretrained(d.pipeline, torch_dtype=getattr(torch, d.dtype)).to(req.device)
+    pipe.set_progress_bar_config(disable=True)
+    classes = req.dataset.train.classes
+    prompts = class_prompts(req.cfg, classes)
+    channels, h, w = req.dataset.image_shape
+    images, labels = [], []
+    for k, count in enumerate(balanced_counts(req.cfg.size, len(classes))):
+        for start in range(0, count, d.batch_size):
+            n = min(d.batch_size, count - start)
+            gen = torch.Generator(device="cpu").manual_seed(derive_seed(req.seed, "diffusers", k, start))
+            out = pipe(prompt=[prompts[k]] * n, num_inference_steps=d.steps, guidance_scale=d.guidance_scale,
+                       generator=gen, output_type="pt").images
+            images.append(to_uint8(torch.as_tensor(out), (h, w), channels))
+            labels.append(torch.full((n,), k))
+    return ImageData(torch.cat(images), torch.cat(labels), classes)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def request_key(req: SyntheticRequest) -> str:
+    """Hash of what determines the provider's output."""
+    cfg = dataclasses.asdict(req.cfg)
+    settings = {"provider": cfg["provider"], "size": cfg["size"]}
+    if req.cfg.provider in cfg:
+        settings[req.cfg.provider] = cfg[req.cfg.provider]
+    blob = [settings, req.dataset.name, len(req.public), content_hash(req.public)[:16], req.seed]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def synthetic_set(req: SyntheticRequest) -> tuple[ImageData, dict]:
+    """The provider's output, from ``<cache>/synthetic/<key>/`` when present; returns (data, manifest)."""
+    folder = req.cache_dir / "synthetic" / request_key(req)
+    data_file, manifest_file = folder / "data.pt", folder / "manifest.json"
+    if data_file.is_file() and manifest_file.is_file():
+        blob = torch.load(data_file, weights_only=True)
+        return ImageData(blob["images"], blob["labels"], req.dataset.train.classes), json.loads(manifest_file.read_text())
+    data = PROVIDERS.get(req.cfg.provider)(req)
+    manifest = {
+        "provider": req.cfg.provider, "settings": dataclasses.asdict(req.cfg), "dataset": req.dataset.name,
+        "seed": req.seed, "size": len(data), "content_sha256": content_hash(data), "created": time.time(),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = data_file.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": data.images.cpu(), "labels": data.labels.cpu()}, tmp)
+    os.replace(tmp, data_file)
+    manifest_file.write_text(json.dumps(manifest, indent=2))
+    return data, manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fl_core.synthetic train-ddpm --config cell.yaml [--set k=v ...]``."""
+    from fl_core.fl import prepare
+
+    parser = argparse.ArgumentParser(prog="python -m fl_core.synthetic")
+    parser.add_argument("command", choices=["train-ddpm"])
+    parser.add_argument("--config", help="cell YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-root")
+    args = parser.parse_args(argv)
+    from fl_core.config import load_config
+
+    overrides = list(args.overrides) + ([f"runtime.data_root={args.data_root}"] if args.data_root else [])
+    cfg = load_config(args.config, overrides)
+    setup = prepare(cfg)
+    folder = train_ddpm(setup.synthetic_request(), accelerator=setup.accelerator)
+    print(f"DDPM saved to {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+import pytest
+
+from fl_core.config import ConfigError, load_config
+
+
+def test_defaults_validate_and_resolve_setting():
+    cfg = load_config(None, ["fl.setting=cross-device"])
+    assert (cfg.fl.num_clients, cfg.fl.clients_per_round) == (100, 10)
+    cfg = load_config(None, [])
+    assert (cfg.fl.num_clients, cfg.fl.clients_per_round) == (10, 10)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"config.fl: unknown key\(s\) roundz; valid keys: .*rounds"):
+        load_config(None, ["fl.roundz=3"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"config.fl.rounds: expected int"):
+        load_config(None, ["fl.rounds=three"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("fl.rounds=0", "fl.rounds"),
+    ("fl.clients_per_round=11", "fl.clients_per_round"),
+    ("fusion.alpha=1.5", "fusion.alpha"),
+    ("data.beta=0", "data.beta"),
+    ("data.partition=zipf", "data.partition"),
+    ("fl.client.optimizer=lion", "fl.client.optimizer"),
+    ("synthetic.size=20000", "synthetic.size"),
+    ("backdoor.mapping=one-to-one", "backdoor.source"),
+])
+def test_impossible_values_say_which_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_plugin_names_list_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown attack 'nope'; known: .*none"):
+        load_config(None, ["attack.name=nope"])
+    with pytest.raises(ConfigError, match=r"unknown defense 'nope'; known: .*none"):
+        load_config(None, ["defense.name=nope"])
+    with pytest.raises(ConfigError, match=r"model.name: 'vgg99' unknown; valid: cnn"):
+        load_config(None, ["model.name=vgg99"])
+    with pytest.raises(ConfigError, match=r"synthetic.provider: 'dalle' unknown; valid: ddpm, diffusers, heldout"):
+        load_config(None, ["synthetic.provider=dalle"])
+    with pytest.raises(ConfigError, match=r"backdoor.trigger: patch position 'middle' unknown"):
+        load_config(None, ["backdoor.trigger.params={position: middle}"])
+
+
+def test_heterogeneous_needs_distillation():
+    with pytest.raises(ConfigError, match="fl.fusion"):
+        load_config(None, ["fl.fusion=fedavg", "model.prototypes=[{name: cnn}, {name: cnn, width: 0.5}]"])
+
+
+def test_hash_ignores_runtime_and_tracks_results_keys():
+    a = load_config(None, [])
+    b = load_config(None, ["runtime.device=cpu", "runtime.data_root=/elsewhere"])
+    c = load_config(None, ["seed=1"])
+    assert a.key() == b.key() != c.key()
+    assert load_config(None, []).key() == a.key()  # stable across loads
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/no/such/file.yaml")

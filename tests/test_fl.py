@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import defenses
+from attacks.triggers import PatchTrigger
+from fl_core.config import BackdoorConfig
+from fl_core.data import ImageData
+from fl_core.fl import fedavg, run_cell, sample_clients
+from fl_core.hooks import Defense
+from fl_core.metrics import backdoor_test_set, evaluate
+from fl_core.modules import distillation_loss, ensemble_logits
+
+
+def test_fedavg_is_the_sample_weighted_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}
+    out = fedavg([a, b], [1, 3])  # (1*a + 3*b) / 4
+    assert torch.allclose(out["w"], torch.tensor([3.25, 6.5]))
+    assert out["n"].item() == 3  # integer buffers are taken, not averaged
+
+
+def test_distillation_loss_terms():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert torch.allclose(distillation_loss(s, t, y, alpha=1.0, temperature=3.0), F.cross_entropy(s, y))
+    assert distillation_loss(s, s, y, alpha=0.0, temperature=2.0).abs() < 1e-6
+    temp = 2.0
+    p_t = F.softmax(t / temp, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / temp, -1))).sum(-1).mean()
+    expected = 0.3 * F.cross_entropy(s, y) + 0.7 * temp ** 2 * kl
+    assert torch.allclose(distillation_loss(s, t, y, alpha=0.3, temperature=temp), expected, atol=1e-6)
+
+
+def test_ensemble_is_the_weighted_mean_of_logits_or_probs():
+    t1, t2 = nn.Linear(3, 4), nn.Linear(3, 4)
+    x = torch.randn(5, 3)
+    w = torch.tensor([1.0, 3.0])
+    assert torch.allclose(ensemble_logits([t1, t2], w, x), 0.25 * t1(x) + 0.75 * t2(x), atol=1e-6)
+    probs = ensemble_logits([t1, t2], w, x, mode="probs").exp()
+    assert torch.allclose(probs, 0.25 * t1(x).softmax(-1) + 0.75 * t2(x).softmax(-1), atol=1e-6)
+
+
+def test_client_sampling_is_seeded():
+    a = sample_clients(100, 10, seed=0, round_idx=1)
+    assert a == sample_clients(100, 10, seed=0, round_idx=1) and len(set(a)) == 10
+    assert a != sample_clients(100, 10, seed=0, round_idx=2)
+    assert sample_clients(10, 10, seed=0, round_idx=1) == list(range(10))
+
+
+class _Const(nn.Module):
+    """Predicts class 0 when the bottom-right pixel is white, else the true class encoded in pixel (0, 0)."""
+
+    def forward(self, x):
+        logits = F.one_hot((x[:, 0, 0, 0] * 255).round().long(), 4).float()
+        triggered = x[:, 0, -1, -1] > 0.99
+        logits[triggered] = F.one_hot(torch.zeros(int(triggered.sum()), dtype=torch.long), 4).float()
+        return logits
+
+
+def test_asr_counts_only_non_target_samples_and_ra():
+    labels = torch.tensor([0, 1, 2, 3, 1, 2])
+    images = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    images[:, 0, 0, 0] = labels.to(torch.uint8)
+    test = ImageData(images, labels, ["a", "b", "c", "d"])
+    bset = backdoor_test_set(test, BackdoorConfig(target=0), PatchTrigger(size=1), seed=0)
+    assert len(bset.labels) == 5 and (bset.labels != 0).all()
+    m = evaluate(_Const(), test, bset, batch_size=4, device=torch.device("cpu"))
+    assert m == {"acc": 100.0, "asr": 100.0, "ra": 0.0}
+    one = backdoor_test_set(test, BackdoorConfig(mapping="one-to-one", source=2, target=1), PatchTrigger(size=1), 0)
+    assert one.labels.tolist() == [2, 2] and one.targets.tolist() == [1, 1]
+
+
+def test_two_round_smoke_run_writes_a_record(tiny_config, tmp_path):
+    cfg = tiny_config()
+    record = run_cell(cfg, tmp_path / "cell", log=lambda *_: None)
+    assert [r["round"] for r in record["rounds"]] == [0, 1, 2]
+    saved = json.loads((tmp_path / "cell" / "record.json").read_text())
+    assert saved["key"] == cfg.key() and saved["metrics"] == record["metrics"]
+    assert saved["config"]["fl"]["rounds"] == 2 and "runtime" not in saved["config"]
+    state = torch.load(tmp_path / "cell" / "models" / "prototype0.pt", weights_only=True)
+    assert any(k.endswith("weight") for k in state)
+    assert record["metrics"]["acc"] > 40  # 4 tinted classes: chance is 25
+    assert record["versions"]["torch"] == torch.__version__
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny_config):
+    runs = [run_cell(tiny_config(), log=lambda *_: None) for _ in range(2)]
+    strip = lambda r: [{k: v for k, v in row.items() if "seconds" not in k} for row in r["rounds"]]  # noqa: E731
+    assert strip(runs[0]) == strip(runs[1])
+    other = run_cell(tiny_config(overrides=("seed=1",)), log=lambda *_: None)
+    assert strip(other) != strip(runs[0])
+
+
+def test_fedavg_mode_without_distillation(tiny_config):
+    record = run_cell(tiny_config({"fl": {"fusion": "fedavg", "rounds": 1}}), log=lambda *_: None)
+    assert len(record["rounds"]) == 2
+
+
+def test_heterogeneous_prototypes_report_per_prototype_and_weighted_mean(tiny_config):
+    cfg = tiny_config({"model": {"prototypes": [{"name": "cnn", "width": 0.25}, {"name": "cnn", "width": 0.5,
+                                                                                   "depth": 3}]}})
+    record = run_cell(cfg, log=lambda *_: None)
+    last = record["rounds"][-1]
+    protos = last["prototypes"]
+    assert len(protos) == 2
+    # 3 clients: prototype 0 has clients 0 and 2, prototype 1 has client 1
+    assert last["acc"] == pytest.approx((2 * protos[0]["acc"] + protos[1]["acc"]) / 3)
+
+
+@defenses.DEFENSES.register("test-spy")
+class SpyDefense(Defense):
+    """Records what the server hands a defense; drops client 0's update; halves teacher 1's weight."""
+
+    seen: list = []
+
+    def filter_update(self, update, global_model, ctx):
+        self.seen.append(("filter", ctx.round, update.client_id))
+        return None if update.client_id == 0 else update
+
+    def on_fusion(self, plan, global_model, ctx):
+        self.seen.append(("fusion", ctx.round, [u.client_id for u in plan.teachers], len(plan.synthetic)))
+        plan.teacher_weights[0] = 0.5
+        return plan
+
+    def after_round(self, global_model, prototype, ctx):
+        self.seen.append(("after", ctx.round, prototype))
+        return global_model
+
+
+def test_defense_hooks_see_server_data_only_and_can_drop_updates(tiny_config):
+    SpyDefense.seen.clear()
+    run_cell(tiny_config({"defense": {"name": "test-spy"}, "fl": {"rounds": 1}}), log=lambda *_: None)
+    assert ("filter", 1, 0) in SpyDefense.seen and ("filter", 1, 2) in SpyDefense.seen
+    assert ("fusion", 1, [1, 2], 20) in SpyDefense.seen  # client 0 dropped; synthetic set of size 20
+    assert ("after", 1, 0) in SpyDefense.seen
