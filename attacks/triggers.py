@@ -1,7 +1,10 @@
 """Backdoor triggers as batched uint8 tensor operations, shared by poisoning and the ASR test set."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 from fl_core.config import TriggerConfig
 from fl_core.registry import Registry
@@ -43,22 +46,131 @@ class PatchTrigger:
         s, m = self.size, self.margin
         if s + m > min(h, w):
             raise ValueError(f"patch of size {s} with margin {m} does not fit {h}x{w} images")
-        stamp = self.stamp(c).to(out.device)
-        if self.position == "random":
-            gen = torch_generator(seed, "patch-position")
-            ys = torch.randint(0, h - s + 1, (n,), generator=gen)
-            xs = torch.randint(0, w - s + 1, (n,), generator=gen)
-            span = torch.arange(s)
-            rows = (ys[:, None] + span)[:, None, :, None].to(out.device)
-            cols = (xs[:, None] + span)[:, None, None, :].to(out.device)
-            idx_n = torch.arange(n, device=out.device)[:, None, None, None]
-            idx_c = torch.arange(c, device=out.device)[None, :, None, None]
-            out[idx_n, idx_c, rows, cols] = stamp.expand(n, -1, -1, -1)
-            return out
-        y = m if self.position.startswith("top") else h - s - m
-        x = m if self.position.endswith("left") else w - s - m
-        out[:, :, y: y + s, x: x + s] = stamp
+        ys, xs = _positions(self.position, n, h, w, s, m, seed, "patch-position")
+        _paste(out, self.stamp(c), torch.ones(s, s, dtype=torch.bool), ys, xs)
         return out
+
+
+def _paste(out: torch.Tensor, stamp: torch.Tensor, mask: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> None:
+    """Write ``stamp`` (C, s, s) where ``mask`` (s, s) is set, at per-sample offsets (ys, xs), in place."""
+    n, c = out.shape[:2]
+    s = stamp.shape[-1]
+    span = torch.arange(s)
+    rows = (ys[:, None] + span)[:, None, :, None].to(out.device)
+    cols = (xs[:, None] + span)[:, None, None, :].to(out.device)
+    idx_n = torch.arange(n, device=out.device)[:, None, None, None]
+    idx_c = torch.arange(c, device=out.device)[None, :, None, None]
+    region = out[idx_n, idx_c, rows, cols]
+    out[idx_n, idx_c, rows, cols] = torch.where(mask.to(out.device), stamp.to(out.device), region)
+
+
+@TRIGGERS.register("blend")
+class BlendTrigger:
+    """Blend (Chen et al. 2017): ``(1 - alpha) * image + alpha * pattern``.
+
+    ``pattern`` is ``noise`` (uniform noise fixed by ``pattern_seed``) or a path to an image file,
+    resized to the data resolution.
+    """
+
+    def __init__(self, alpha: float = 0.2, pattern: str = "noise", pattern_seed: int = 0):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"blend alpha must be in (0, 1], got {alpha}")
+        if pattern != "noise" and not Path(pattern).is_file():
+            raise ValueError(f"blend pattern must be 'noise' or an image file; {pattern!r} does not exist")
+        self.alpha, self.pattern, self.pattern_seed = alpha, pattern, pattern_seed
+
+    def pattern_image(self, c: int, h: int, w: int) -> torch.Tensor:
+        """The pattern as float (C, H, W) in [0, 255]."""
+        if self.pattern == "noise":
+            return torch.randint(0, 256, (c, h, w), generator=torch_generator(self.pattern_seed, "blend")).float()
+        from torchvision.io import ImageReadMode, decode_image, read_file
+
+        img = decode_image(read_file(self.pattern), mode=ImageReadMode.RGB if c == 3 else ImageReadMode.GRAY)
+        return F.interpolate(img[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+
+    def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        pattern = self.pattern_image(*images.shape[1:]).to(images.device)
+        return ((1 - self.alpha) * images.float() + self.alpha * pattern).round().clamp(0, 255).to(torch.uint8)
+
+
+@TRIGGERS.register("object")
+class ObjectTrigger:
+    """A small textured ball pasted at a random place (stand-in for a semantic trigger such as a tennis ball).
+
+    A disc of ``size`` pixels, yellow-green (``color``) with a white seam, at a seeded random position
+    per image (``position: random``) or in a fixed corner.
+    """
+
+    def __init__(self, size: int = 6, color: tuple | list = (204, 255, 0), position: str = "random"):
+        if size < 3:
+            raise ValueError(f"object size must be >= 3, got {size}")
+        if position not in CORNERS:
+            raise ValueError(f"object position {position!r} unknown; valid: {', '.join(CORNERS)}")
+        self.size, self.color, self.position = size, list(color), position
+
+    def texture(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stamp uint8 (C, s, s), disc mask bool (s, s))."""
+        s = self.size
+        yy, xx = torch.meshgrid(torch.arange(s) + 0.5 - s / 2, torch.arange(s) + 0.5 - s / 2, indexing="ij")
+        disc = yy ** 2 + xx ** 2 <= (s / 2) ** 2
+        seam = (yy - 0.35 * xx ** 2 / (s / 2)).abs() < 0.6
+        colour = torch.tensor(self.color, dtype=torch.float)
+        colour = colour.mean(0, keepdim=True) if channels == 1 else colour
+        stamp = colour.view(-1, 1, 1).expand(channels, s, s).clone()
+        stamp[:, seam] = 255
+        return stamp.round().to(torch.uint8), disc
+
+    def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        out = images.clone()
+        n, c, h, w = out.shape
+        s = self.size
+        if s > min(h, w):
+            raise ValueError(f"object of size {s} does not fit {h}x{w} images")
+        stamp, disc = self.texture(c)
+        ys, xs = _positions(self.position, n, h, w, s, 0, seed, "object-position")
+        _paste(out, stamp, disc, ys, xs)
+        return out
+
+
+@TRIGGERS.register("warp")
+class WarpTrigger:
+    """WaNet (Nguyen & Tran 2021): a fixed smooth warping field (``grid_size`` control points, ``strength``)."""
+
+    def __init__(self, grid_size: int = 4, strength: float = 0.5, field_seed: int = 0):
+        if grid_size < 2 or strength <= 0:
+            raise ValueError("warp needs grid_size >= 2 and strength > 0")
+        self.grid_size, self.strength, self.field_seed = grid_size, strength, field_seed
+
+    def grid(self, h: int, w: int) -> torch.Tensor:
+        gen = torch_generator(self.field_seed, "warp")
+        noise = torch.rand(1, 2, self.grid_size, self.grid_size, generator=gen) * 2 - 1
+        noise = noise / noise.abs().mean()
+        flow = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        identity = torch.stack([xs, ys], -1)[None]
+        return (identity + self.strength * flow / torch.tensor([w, h])).clamp(-1, 1)
+
+    def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        n, _, h, w = images.shape
+        grid = self.grid(h, w).to(images.device).expand(n, -1, -1, -1)
+        warped = F.grid_sample(images.float(), grid, align_corners=True)
+        return warped.round().clamp(0, 255).to(torch.uint8)
+
+
+def _positions(position: str, n: int, h: int, w: int, s: int, margin: int, seed: int, key: str):
+    """Per-sample top-left offsets (ys, xs) of an s x s stamp: a corner or seeded random places."""
+    if position == "random":
+        gen = torch_generator(seed, key)
+        return torch.randint(0, h - s + 1, (n,), generator=gen), torch.randint(0, w - s + 1, (n,), generator=gen)
+    y = margin if position.startswith("top") else h - s - margin
+    x = margin if position.endswith("left") else w - s - margin
+    return torch.full((n,), y), torch.full((n,), x)
+
+
+def changed_mask(trigger, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+    """Pixels (H, W) a position-fixed trigger changes on black or white images."""
+    probes = torch.stack([torch.zeros(shape, dtype=torch.uint8), torch.full(shape, 255, dtype=torch.uint8)])
+    return (trigger.apply(probes, seed) != probes).any(dim=1).any(dim=0)
 
 
 def make_trigger(cfg: TriggerConfig):

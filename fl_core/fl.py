@@ -168,6 +168,7 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         raise NotImplementedError(f"defense {cfg.defense.name!r} compares parameters across clients and "
                                   "cannot apply to heterogeneous prototypes")
 
+    attack.bind(cfg.backdoor, trigger)
     synthetic, manifest = synthetic_set(setup.synthetic_request())
     syn = {stage: attack.poison_synthetic(synthetic, stage, seed).to(device) for stage in ("pretrain", "fusion")}
     malicious = sorted(set(attack.malicious_clients(n_clients, seed)))
@@ -214,7 +215,9 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         ctx = ServerContext(round=r, seed=seed, device=device, num_classes=k, synthetic=syn["fusion"],
                             num_prototypes=n_protos)
         updates: list[ClientUpdate] = []
-        for cid in sample_clients(n_clients, cfg.fl.clients_per_round, seed, r):
+        selected = attack.select_clients(sample_clients(n_clients, cfg.fl.clients_per_round, seed, r), r,
+                                         n_clients, seed)
+        for cid in selected:
             p = proto_of[cid]
             local = copy.deepcopy(models[p])
             data = clients[cid]
@@ -254,7 +257,8 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         seconds = time.perf_counter() - t_round
         if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
             row = record_round(r, seconds, d_time.seconds)
-            row.update(local_seconds=local_time.seconds, fusion_seconds=fusion_time.seconds)
+            row.update(local_seconds=local_time.seconds, fusion_seconds=fusion_time.seconds,
+                       malicious_selected=[c for c in selected if c in malicious])
             bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
         bar.update(1)
     bar.close()

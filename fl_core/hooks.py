@@ -60,12 +60,25 @@ class FusionPlan:
 
 
 class Attack:
-    """Base class of attacks. ``malicious_clients`` picks who is compromised (none by default)."""
+    """Base class of attacks. ``malicious_clients`` picks who is compromised (none by default).
+
+    Before use, the FL loop calls ``bind`` with the cell's backdoor spec and trigger, which every
+    attack shares with the ASR test set.
+    """
 
     name: ClassVar[str] = "none"
+    backdoor = None  # BackdoorConfig, set by bind()
+    trigger = None  # trigger object, set by bind()
+
+    def bind(self, backdoor, trigger) -> None:
+        self.backdoor, self.trigger = backdoor, trigger
 
     def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
         return []
+
+    def select_clients(self, selected: list[int], round_idx: int, num_clients: int, seed: int) -> list[int]:
+        """Adjust the round's sampled clients (e.g. force malicious participation); default unchanged."""
+        return selected
 
     def poison_synthetic(self, synthetic: ImageData, stage: Stage, seed: int) -> ImageData:
         """Alter the FM's synthetic set used at ``stage`` (pre-training or fusion)."""
@@ -81,7 +94,7 @@ class Attack:
 
     def describe(self) -> dict:
         """Name and parameters, for the result record."""
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        return describe(self)
 
 
 class Defense:
@@ -108,4 +121,13 @@ class Defense:
         return global_model
 
     def describe(self) -> dict:
-        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+        """Name and parameters, for the result record."""
+        return describe(self)
+
+
+def describe(plugin) -> dict:
+    """A plugin's registered name and its public, JSON-friendly parameters."""
+    params = {k: v for k, v in vars(plugin).items()
+              if not k.startswith("_") and k not in ("backdoor", "trigger")
+              and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
+    return {"name": plugin.name, **params}

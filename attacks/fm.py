@@ -1,0 +1,22 @@
+"""The novel threat: a compromised foundation model poisons the synthetic data (BD-FMFL, [P0], [P1])."""
+from attacks import ATTACKS
+from attacks.poisoning import check_rate, check_stages, poison_data
+from fl_core.hooks import Attack
+
+
+@ATTACKS.register("fm")
+class CompromisedFM(Attack):
+    """The FM's synthetic set carries the trigger on ``poison_rate`` of every non-target class (or of the
+    source class, one-to-one), relabelled to the target. No client is malicious; the attacker takes no
+    part in training. ``stages``: where the poisoned set is used: ``both`` (default, as [P1]),
+    ``pretrain`` only or ``fusion`` only (the [P1] ablation)."""
+
+    def __init__(self, poison_rate: float = 0.2, stages: str = "both"):
+        check_rate("poison_rate", poison_rate)
+        check_stages(stages)
+        self.poison_rate, self.stages = poison_rate, stages
+
+    def poison_synthetic(self, synthetic, stage, seed):
+        if self.stages not in ("both", stage):
+            return synthetic
+        return poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")[0]
