@@ -399,10 +399,12 @@ def validate(cfg: CellConfig) -> CellConfig:
         raise ConfigError(f"backdoor.trigger: {err}") from err
     for key, registry, plugin in (("attack", attacks.ATTACKS, cfg.attack), ("defense", defenses.DEFENSES, cfg.defense)):
         try:
-            registry.get(plugin.name)(**plugin.params)
+            instance = registry.get(plugin.name)(**plugin.params)
         except KeyError as err:
             raise ConfigError(f"{key}.name: {err.args[0]}") from err
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}.params: {err}") from err
+        # every parameter explicit (defaults filled in), so equal cells hash equally
+        plugin.params = {k: v for k, v in instance.describe().items() if k != "name"}
     _check(cfg.runtime.threads is None or cfg.runtime.threads >= 1, "runtime.threads", "must be >= 1")
     return cfg

@@ -213,7 +213,7 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
     for r in range(1, cfg.fl.rounds + 1):
         t_round, d_time, local_time, fusion_time = time.perf_counter(), _Timer(), _Timer(), _Timer()
         ctx = ServerContext(round=r, seed=seed, device=device, num_classes=k, synthetic=syn["fusion"],
-                            num_prototypes=n_protos)
+                            num_prototypes=n_protos, rounds=cfg.fl.rounds)
         updates: list[ClientUpdate] = []
         selected = attack.select_clients(sample_clients(n_clients, cfg.fl.clients_per_round, seed, r), r,
                                          n_clients, seed)

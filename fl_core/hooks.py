@@ -28,6 +28,11 @@ class ServerContext:
     num_classes: int
     synthetic: ImageData  # the synthetic set the server distils on (as received from the FM)
     num_prototypes: int = 1
+    rounds: int = 1  # total rounds of the run
+
+    @property
+    def accelerator(self) -> str:
+        return "gpu" if self.device.type == "cuda" else "cpu"
 
 
 @dataclass

@@ -245,11 +245,13 @@ def synthetic_set(req: SyntheticRequest) -> tuple[ImageData, dict]:
         "provider": req.cfg.provider, "settings": dataclasses.asdict(req.cfg), "dataset": req.dataset.name,
         "seed": req.seed, "size": len(data), "content_sha256": content_hash(data), "created": time.time(),
     }
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # data first, manifest last: a manifest means complete
     tmp = data_file.with_suffix(f".tmp{os.getpid()}")
     torch.save({"images": data.images.cpu(), "labels": data.labels.cpu()}, tmp)
     os.replace(tmp, data_file)
-    manifest_file.write_text(json.dumps(manifest, indent=2))
+    tmp = manifest_file.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_file)
     return data, manifest
 
 

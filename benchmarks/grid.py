@@ -1,0 +1,421 @@
+"""Sweep a grid of cells: ``python -m benchmarks.grid [--preset default] [--scale cpu] [--set k=v] ...``.
+
+A grid file (``benchmarks/configs/grids/<preset>.yaml``) holds a base cell config, named scales
+(``cpu``, ``paper``) and axes whose cross product, minus ``exclude`` rules plus ``include`` cells, is
+the grid. Each cell is keyed by the hash of its resolved config; a cell whose ``record.json`` exists
+is skipped, so an interrupted grid resumes where it stopped. A cell that raises or diverges is
+recorded as failed (with its traceback) and retried on the next run; a defense that cannot apply to
+a setting is recorded as not applicable. At the end the report (tables, plots) is regenerated.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.cli import CONFIG_DIR
+from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
+from fl_core.registry import import_plugins
+
+GRID_DIR = CONFIG_DIR / "grids"
+EXECUTORS = ("local", "process", "ray")
+
+
+@dataclass
+class Cell:
+    """One resolved grid cell: its config, the axis labels that name it, and its key."""
+
+    config: CellConfig
+    labels: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return self.config.key()
+
+
+@dataclass
+class GridSpec:
+    name: str
+    description: str = ""
+    base: dict = field(default_factory=dict)
+    scales: dict[str, dict] = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)
+    exclude: list[dict] = field(default_factory=list)
+    include: list[dict] = field(default_factory=list)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read a grid YAML; ``base`` may name a cell YAML (relative to the grid file or configs/)."""
+    path = Path(path)
+    raw = load_yaml(path)
+    known = {"description", "base", "scales", "axes", "exclude", "include"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
+    base = raw.get("base") or {}
+    if isinstance(base, str):
+        candidates = [path.parent / base, CONFIG_DIR / base]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"{path}: base config {base!r} not found (looked at {', '.join(map(str, candidates))})")
+        base = load_yaml(found)
+    axes = raw.get("axes") or {}
+    for name, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis {name!r} must be a non-empty list")
+    return GridSpec(path.stem, raw.get("description", ""), base, raw.get("scales") or {}, axes,
+                    raw.get("exclude") or [], raw.get("include") or [])
+
+
+def resolve_grid_path(preset: str | None, config: str | None) -> Path:
+    if config:
+        return Path(config)
+    name = preset or "default"
+    path = GRID_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(presets())}")
+    return path
+
+
+def _get(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    old = node.get(parts[-1])
+    node[parts[-1]] = deep_merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
+
+
+def label(value: Any) -> str:
+    """A short readable name for an axis value: scalars as text, ``{name, params}`` as ``name(k=v)``;
+    a mapping may name itself with a ``label`` key (removed before it is applied)."""
+    if isinstance(value, dict) and "label" in value:
+        return str(value["label"])
+    if isinstance(value, dict):
+        name = value.get("name", value.get("kind"))
+        rest = {k: v for k, v in value.items() if k not in ("name", "kind")}
+        params = rest.pop("params", {}) or {}
+        params.update(rest)
+        inner = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+        if name is None:
+            return inner or "default"
+        return f"{name}({inner})" if inner else str(name)
+    return str(value)
+
+
+def _matches(rule: dict, cell_dict: dict, labels: dict[str, str]) -> bool:
+    for key, want in rule.items():
+        have_label = labels.get(key)
+        if have_label is not None and have_label == label(want):
+            continue
+        if _get(cell_dict, key) != want:
+            return False
+    return True
+
+
+def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = ()) -> list[Cell]:
+    """All cells of ``spec`` at ``scale``, validated (errors name the cell) and deduplicated by key."""
+    if spec.scales and scale not in spec.scales:
+        raise ConfigError(f"grid {spec.name!r} has no scale {scale!r}; valid: {', '.join(spec.scales)}")
+    base = deep_merge(spec.base, spec.scales.get(scale) or {})
+    names = list(spec.axes)
+    combos = [dict(zip(names, values)) for values in itertools.product(*spec.axes.values())] if names else [{}]
+    combos += [dict(extra) for extra in spec.include]
+    cells, seen = [], set()
+    for combo in combos:
+        data = json.loads(json.dumps(base))
+        for axis, value in combo.items():
+            _set(data, axis, {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value)
+        for item in overrides:
+            apply_override(data, item)
+        labels = {axis: label(value) for axis, value in combo.items()}
+        if any(_matches(rule, data, labels) for rule in spec.exclude):
+            continue
+        try:
+            cfg = validate(from_dict(CellConfig, data))
+        except ConfigError as err:
+            raise ConfigError(f"grid cell {labels}: {err}") from err
+        if cfg.key() not in seen:
+            seen.add(cfg.key())
+            cells.append(Cell(cfg, labels))
+    return cells
+
+
+def select(cells: list[Cell], filters: list[str]) -> list[Cell]:
+    """Keep cells whose labels match every ``axis=value`` filter (axis by full or last dotted name)."""
+    for item in filters:
+        if "=" not in item:
+            raise ConfigError(f"--only {item!r} must look like axis=value")
+        key, value = item.split("=", 1)
+
+        def hit(cell: Cell) -> bool:
+            return any((axis == key or axis.split(".")[-1] == key or axis.split(".")[0] == key) and lab == value
+                       for axis, lab in cell.labels.items())
+
+        if not any(hit(c) for c in cells):
+            axes = sorted({f"{a}={lab}" for c in cells for a, lab in c.labels.items()})
+            raise ConfigError(f"--only {item!r} matches no cell; axis values: {', '.join(axes)}")
+        cells = [c for c in cells if hit(c)]
+    return cells
+
+
+# ---------------------------------------------------------------- status of a cell on disk
+
+
+def cell_dir(out: Path, key: str) -> Path:
+    return out / "cells" / key
+
+
+def cell_status(out: Path, key: str) -> str:
+    """``done``, ``n/a`` (not applicable), ``failed`` or ``pending``."""
+    folder = cell_dir(out, key)
+    if (folder / "record.json").is_file():
+        return "done"
+    status = folder / "status.json"
+    if status.is_file():
+        return json.loads(status.read_text())["status"]
+    return "pending"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def execute_cell(cell_config: dict, out: str, plugins: tuple[str, ...] = (), threads: int | None = None) -> dict:
+    """Run one cell in this process and record its outcome on disk; returns a short status dict.
+
+    Shared by every executor (also inside process-pool and Ray workers).
+    """
+    import torch
+
+    from fl_core.fl import DivergedError, run_cell
+
+    import_plugins(list(plugins))
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = validate(from_dict(CellConfig, cell_config))
+    folder = cell_dir(Path(out), cfg.key())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "status.json").unlink(missing_ok=True)
+    started = time.time()
+    with open(folder / "log.txt", "a") as log_file:
+        def log(msg: str) -> None:
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+        log(f"start {time.strftime('%Y-%m-%d %H:%M:%S')} key {cfg.key()}")
+        try:
+            record = run_cell(cfg, folder, log=log)
+            log(f"done in {record['wall_seconds']:.1f} s: {record['metrics']}")
+            return {"key": cfg.key(), "status": "done", "seconds": time.time() - started, **record["metrics"]}
+        except NotImplementedError as err:
+            outcome = {"status": "n/a", "reason": str(err)}
+        except DivergedError as err:
+            outcome = {"status": "failed", "error": f"diverged: {err}", "traceback": traceback.format_exc()}
+        except Exception as err:  # noqa: BLE001 - a failed cell must not stop the grid
+            outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                       "traceback": traceback.format_exc()}
+        log(f"{outcome['status']}: {outcome.get('reason') or outcome.get('error')}")
+        if "traceback" in outcome:
+            log(outcome["traceback"])
+        _write_json(folder / "status.json", {"key": cfg.key(), **outcome})
+        return {"key": cfg.key(), "seconds": time.time() - started, **outcome}
+
+
+def estimate_seconds(cfg: CellConfig, throughput: float = 1900.0) -> float:
+    """A rough CPU estimate from the images the cell pushes through the default model (~1,900/s on 2 cores)."""
+    f = cfg.fl
+    pool = cfg.data.client_pool_size or 40000
+    per_round = pool * f.clients_per_round / f.num_clients * f.local_epochs
+    if f.fusion == "feddf":
+        per_round += cfg.fusion.steps * cfg.fusion.optim.batch_size * (1 + 0.45 * f.clients_per_round)
+    evals = (f.rounds // cfg.eval.every + 1) * 2 * (cfg.data.test_size or 10000) * 0.27
+    pre = cfg.pretrain.epochs * cfg.synthetic.size if cfg.pretrain.enabled else 0
+    return (pre + f.rounds * per_round + evals) / throughput + 5
+
+
+# ---------------------------------------------------------------- executors
+
+
+def _run_local(todo, out, plugins, jobs, on_done, **_):
+    for cell in todo:
+        on_done(cell, execute_cell(cell.config.to_dict(), str(out), plugins))
+
+
+def _run_process(todo, out, plugins, jobs, on_done, **_):
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins, threads): c for c in todo}
+        try:
+            for fut in as_completed(futures):
+                on_done(futures[fut], fut.result())
+        except KeyboardInterrupt:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+def _run_ray(todo, out, plugins, jobs, on_done, address=None, cpus_per_cell=1.0, gpus_per_cell=0.0, **_):
+    try:
+        import ray
+    except ImportError as err:
+        raise SystemExit("--executor ray needs the 'ray' package: pip install 'ray[default]'") from err
+    if not ray.is_initialized():
+        kwargs = {"address": address} if address else {"num_cpus": os.cpu_count()}
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
+    remote = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell)(execute_cell)
+    threads = max(1, int(cpus_per_cell))
+    refs = {remote.remote(c.config.to_dict(), str(out), plugins, threads): c for c in todo}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                on_done(refs[ref], ray.get(ref))
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+
+
+RUNNERS = {"local": _run_local, "process": _run_process, "ray": _run_ray}
+
+
+def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], overrides: tuple[str, ...],
+                   command: str) -> None:
+    """``grid.json``: the grid's axes and every cell's key, labels and config (read by the report)."""
+    path = out / "grid.json"
+    previous = json.loads(path.read_text())["cells"] if path.is_file() else []
+    entries = {c["key"]: c for c in previous}
+    for cell in cells:
+        entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
+    _write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
+                       "axes": list(spec.axes), "overrides": list(overrides), "command": command,
+                       "cells": list(entries.values())})
+
+
+def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int = 1, plugins: tuple[str, ...] = (),
+             progress: bool = True, **executor_options) -> dict[str, int]:
+    """Run the cells not yet done; returns counts of outcomes. Ctrl-C keeps every finished cell."""
+    from tqdm.auto import tqdm
+
+    todo = [c for c in cells if cell_status(out, c.key) not in ("done", "n/a")]
+    counts = {"skipped": len(cells) - len(todo), "done": 0, "failed": 0, "n/a": 0}
+    bar = tqdm(total=len(todo), desc="grid", unit="cell", disable=not progress)
+
+    def on_done(cell: Cell, result: dict) -> None:
+        counts[result["status"]] += 1
+        bar.update(1)
+        text = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
+        if result["status"] == "done":
+            bar.write(f"done   [{text}] ACC {result['acc']:.2f} ASR {result['asr']:.2f} ({result['seconds']:.0f} s)")
+        else:
+            bar.write(f"{result['status']:6s} [{text}] {result.get('reason') or result.get('error')}")
+
+    try:
+        RUNNERS[executor](todo, out, plugins, jobs, on_done, **executor_options)
+    finally:
+        bar.close()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.grid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help=f"grid preset (default: default); one of: {', '.join(presets())}")
+    parser.add_argument("--config", help="a grid YAML file instead of a preset")
+    parser.add_argument("--scale", default="cpu", help="scale of the grid: cpu (default) or paper")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a cell config value in every cell (repeatable)")
+    parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
+                        help="run only cells whose axis label matches (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells, their status and an estimate")
+    parser.add_argument("--out", help="output folder (default: runs/<preset>-<scale>)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel cells (process and ray executors)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local")
+    parser.add_argument("--address", help="Ray cluster address (executor ray); default: a local Ray instance")
+    parser.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray CPU request per cell")
+    parser.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray GPU request per cell")
+    parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
+    parser.add_argument("--device", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers attacks/defenses/models (repeatable)")
+    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.exit(2, "config error: --jobs must be >= 1\n")
+    overrides = list(args.overrides) + ["runtime.progress=false"]
+    if args.data_root:
+        overrides.append(f"runtime.data_root={os.path.abspath(args.data_root)}")
+    if args.device:
+        overrides.append(f"runtime.device={args.device}")
+    try:
+        import_plugins(args.plugin)
+        path = resolve_grid_path(args.preset, args.config)
+        spec = load_grid(path)
+        cells = select(expand(spec, args.scale, tuple(overrides)), args.only)
+    except (ConfigError, ImportError, KeyError) as err:
+        parser.exit(2, f"config error: {err}\n")
+    out = Path(args.out or Path("runs") / f"{spec.name}-{args.scale}")
+    statuses = [cell_status(out, c.key) for c in cells]
+    todo = [c for c, s in zip(cells, statuses) if s not in ("done", "n/a")]
+    estimate = sum(estimate_seconds(c.config) for c in todo) / max(1, args.jobs)
+    print(f"grid {spec.name!r} at scale {args.scale!r}: {len(cells)} cells, {len(todo)} to run, "
+          f"rough CPU estimate {estimate / 60:.1f} min -> {out}")
+    if spec.description:
+        print(f"  {spec.description.strip()}")
+    if args.dry_run:
+        for cell, status in zip(cells, statuses):
+            text = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
+            print(f"  {cell.key}  {status:8s} ~{estimate_seconds(cell.config):5.0f} s  {text}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.grid " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip())
+    started = time.time()
+    try:
+        counts = run_grid(cells, out, executor=args.executor, jobs=args.jobs, plugins=tuple(args.plugin),
+                          address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished cells are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(f"grid finished in {(time.time() - started) / 60:.1f} min: {counts}")
+    if not args.no_report:
+        from benchmarks.report import write_report
+
+        for path in write_report(out):
+            print(f"  wrote {path}")
+    return 0 if counts["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Tables and plots from a grid's output folder, without rerunning: ``python -m benchmarks.report DIR``.
+
+Writes ``cells.csv`` / ``cells.parquet`` (one row per cell: axes, every parameter, ACC, ASR, RA, ACC
+drops, timings, versions), ``rounds.csv`` (per-round curves), ``tables.md`` and ``tables.tex``
+(mean +- std over seeds; the paper layouts: attack table ACC/ASR per attack, defense table
+ACC drop / ASR per defense x attack) and PNG plots (bars, curves against rounds, ACC-ASR trade-off).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from fl_core.config import CellConfig, from_dict
+
+METRICS = ("acc", "asr", "ra")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("params", "options", "class_prompts"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    return out
+
+
+def _key_with(config: dict, **sections) -> str:
+    data = json.loads(json.dumps(config))
+    data.update(sections)
+    return from_dict(CellConfig, data).key()
+
+
+def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(cells, rounds, grid manifest) of a grid output folder."""
+    grid = json.loads((out / "grid.json").read_text())
+    rows, round_rows = [], []
+    for cell in grid["cells"]:
+        folder = out / "cells" / cell["key"]
+        row = {"key": cell["key"], **cell["labels"]}
+        record_file, status_file = folder / "record.json", folder / "status.json"
+        if record_file.is_file():
+            rec = json.loads(record_file.read_text())
+            row.update(status="done", **rec["metrics"], wall_seconds=rec["wall_seconds"],
+                       defense_seconds=rec["defense_seconds"], torch=rec["versions"]["torch"],
+                       lightning=rec["versions"]["lightning"], git_commit=rec["versions"]["git_commit"])
+            for r in rec["rounds"]:
+                round_rows.append({"key": cell["key"], **cell["labels"],
+                                   **{k: v for k, v in r.items() if k != "prototypes"}})
+        elif status_file.is_file():
+            st = json.loads(status_file.read_text())
+            row.update(status=st["status"], error=st.get("error"), reason=st.get("reason"))
+        else:
+            row.update(status="pending")
+        row.update(_flatten(cell["config"], "cfg."))
+        row["clean_key"] = _key_with(cell["config"], attack={"name": "none", "params": {}})
+        row["undefended_key"] = _key_with(cell["config"], defense={"name": "none", "params": {}})
+        rows.append(row)
+    cells = pd.DataFrame(rows)
+    for m in METRICS:
+        if m not in cells:
+            cells[m] = float("nan")
+    acc = cells.set_index("key")["acc"]
+    cells["acc_drop_vs_clean"] = cells["clean_key"].map(acc) - cells["acc"]
+    cells["acc_drop_vs_undefended"] = cells["undefended_key"].map(acc) - cells["acc"]
+    return cells, pd.DataFrame(round_rows), grid
+
+
+def _role(axes: list[str], role: str) -> str | None:
+    return next((a for a in axes if a.split(".")[0] == role), None)
+
+
+def _mean_std(series: pd.Series) -> str:
+    s = series.dropna()
+    if s.empty:
+        return "-"
+    return f"{s.mean():.2f}" if len(s) == 1 else f"{s.mean():.2f} ± {s.std(ddof=1):.2f}"
+
+
+def summary_table(cells: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Mean +- std over seeds of every metric, one row per combination of the non-seed axes."""
+    group = [a for a in axes if a != "seed"]
+    done = cells[cells["status"] == "done"]
+    cols = ["acc", "asr", "ra", "acc_drop_vs_clean", "acc_drop_vs_undefended"]
+    if done.empty:
+        return pd.DataFrame(columns=group + cols + ["seeds"])
+    if not group:
+        done = done.assign(_all="all")
+        group = ["_all"]
+    table = done.groupby(group, sort=False).agg({c: _mean_std for c in cols})
+    table["seeds"] = done.groupby(group, sort=False).size()
+    return table.reset_index()
+
+
+def pivot(cells: pd.DataFrame, rows: list[str], column: str, fmt) -> pd.DataFrame:
+    """One row per combination of ``rows``, one column per value of ``column``; cells ``fmt(group)``."""
+    done = cells[cells["status"] == "done"]
+    if done.empty:
+        return pd.DataFrame()
+    keys = rows or ["_all"]
+    if not rows:
+        done = done.assign(_all="all")
+    out = done.groupby(keys + [column], sort=False).apply(fmt, include_groups=False).unstack(column)
+    return out.reset_index()
+
+
+def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame]:
+    """The attack table (ACC / ASR per attack) and the defense table (ACC drop / ASR per defense x attack)."""
+    attack, defense = _role(axes, "attack"), _role(axes, "defense")
+    others = [a for a in axes if a not in (attack, defense, "seed")]
+    tables = {}
+    if attack:
+        subset = cells if not defense else cells[cells["cfg.defense.name"] == "none"]
+        tables["Attack table: ACC / ASR (%) per attack (undefended)"] = pivot(
+            subset, others, attack, lambda g: f"{_mean_std(g['acc'])} / {_mean_std(g['asr'])}")
+    if defense:
+        rows = [defense] + others
+        col = attack or "seed"
+        tables["Defense table: ACC drop vs undefended / ASR (%)"] = pivot(
+            cells, rows, col, lambda g: f"{_mean_std(g['acc_drop_vs_undefended'])} / {_mean_std(g['asr'])}")
+    return tables
+
+
+def _plots(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = cells[cells["status"] == "done"]
+    if done.empty:
+        return []
+    group = [a for a in axes if a != "seed"] or ["key"]
+    name = done[group].astype(str).agg(" | ".join, axis=1)
+    agg = done.assign(name=name).groupby("name", sort=False)[["acc", "asr"]].agg(["mean", "std"])
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(agg) + 2), 4.5))
+    x = range(len(agg))
+    ax.bar([i - 0.2 for i in x], agg[("acc", "mean")], 0.4, yerr=agg[("acc", "std")].fillna(0), label="ACC")
+    ax.bar([i + 0.2 for i in x], agg[("asr", "mean")], 0.4, yerr=agg[("asr", "std")].fillna(0), label="ASR")
+    ax.set_xticks(list(x), agg.index, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.set_title(" | ".join(group))
+    fig.tight_layout()
+    paths.append(out / "bars.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    if not rounds.empty:
+        fig, axs = plt.subplots(1, 2, figsize=(11, 4.2))
+        r_name = rounds[group].astype(str).agg(" | ".join, axis=1) if group != ["key"] else rounds["key"]
+        curves = rounds.assign(name=r_name).groupby(["name", "round"], sort=False)[["acc", "asr"]].mean()
+        for label_, frame in curves.groupby(level=0, sort=False):
+            for metric, axis in zip(("asr", "acc"), axs):
+                axis.plot(frame.index.get_level_values(1), frame[metric], marker="o", ms=3, label=label_)
+        for metric, axis in zip(("ASR", "ACC"), axs):
+            axis.set_xlabel("round")
+            axis.set_ylabel(f"{metric} (%)")
+            axis.set_ylim(0, 100)
+        axs[1].legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        paths.append(out / "curves.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label_, row in agg.iterrows():
+        ax.scatter(row[("asr", "mean")], row[("acc", "mean")])
+        ax.annotate(label_, (row[("asr", "mean")], row[("acc", "mean")]), fontsize=6)
+    ax.set_xlabel("ASR (%)")
+    ax.set_ylabel("ACC (%)")
+    ax.set_title("ACC against ASR (upper left is better)")
+    fig.tight_layout()
+    paths.append(out / "tradeoff.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_report(out: str | Path) -> list[Path]:
+    """Regenerate every table and plot of a grid output folder; returns the files written."""
+    out = Path(out)
+    cells, rounds, grid = load_results(out)
+    axes = grid["axes"]
+    written = [out / "cells.csv", out / "rounds.csv", out / "cells.parquet"]
+    cells.to_csv(written[0], index=False)
+    rounds.to_csv(written[1], index=False)
+    cells.astype({c: str for c in cells.columns if cells[c].dtype == object}).to_parquet(written[2], index=False)
+    status = cells["status"].value_counts().to_dict()
+    md = [f"# Grid `{grid['grid']}` at scale `{grid['scale']}`", "",
+          grid.get("description", "").strip(), "", f"Command: `{grid.get('command', '')}`", "",
+          f"Cells: {status}. Mean ± std over {cells['seed'].nunique() if 'seed' in cells else 1} seed(s).", ""]
+    tex = []
+    tables = {"Summary": summary_table(cells, axes), **paper_tables(cells, axes)}
+    for title, table in tables.items():
+        if table.empty:
+            continue
+        md += [f"## {title}", "", table.to_markdown(index=False), ""]
+        tex += [f"% {title}", table.to_latex(index=False), ""]
+    failed = cells[cells["status"].isin(["failed", "n/a"])]
+    if not failed.empty:
+        md += ["## Failed or not applicable cells", ""]
+        for _, row in failed.iterrows():
+            md.append(f"- `{row['key']}` {row['status']}: {row.get('reason') or row.get('error')}")
+        md.append("")
+    (out / "tables.md").write_text("\n".join(md))
+    (out / "tables.tex").write_text("\n".join(tex))
+    written += [out / "tables.md", out / "tables.tex"]
+    written += _plots(cells, rounds, axes, out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    parser.add_argument("out", help="a grid output folder (holds grid.json)")
+    args = parser.parse_args(argv)
+    if not (Path(args.out) / "grid.json").is_file():
+        parser.exit(2, f"error: {args.out} holds no grid.json (not a grid output folder)\n")
+    for path in write_report(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import attacks
+from benchmarks import grid as grid_mod
+from benchmarks.grid import GridSpec, cell_status, expand, load_grid, main, select
+from benchmarks.report import paper_tables, summary_table, write_report
+from conftest import TINY_OVERRIDES
+from fl_core.config import ConfigError, deep_merge
+from fl_core.hooks import Attack
+
+
+def _spec(tiny_root, tmp_path, axes, **extra) -> GridSpec:
+    base = deep_merge(TINY_OVERRIDES, {"fl": {"rounds": 1}, "runtime": {
+        "data_root": str(tiny_root), "cache_dir": str(tmp_path / "cache"), "progress": False}})
+    return GridSpec("t", base=base, scales={"cpu": {}}, axes=axes, **extra)
+
+
+def _write(tmp_path, spec: GridSpec) -> Path:
+    path = tmp_path / f"{spec.name}.yaml"
+    path.write_text(yaml.safe_dump({"base": spec.base, "scales": spec.scales, "axes": spec.axes,
+                                    "exclude": spec.exclude, "include": spec.include}))
+    return path
+
+
+def test_expansion_exclude_include_labels_and_filters(tiny_root, tmp_path):
+    spec = _spec(tiny_root, tmp_path, {
+        "attack": [{"name": "none"}, {"name": "fm", "params": {"stages": "fusion"}}],
+        "defense.name": ["none"],
+        "seed": [0, 1],
+    }, exclude=[{"attack": "none", "seed": 1}], include=[{"attack": {"name": "badnets"}, "seed": 5}])
+    cells = expand(spec)
+    labels = [c.labels for c in cells]
+    assert len(cells) == 4
+    assert {"attack": "fm(stages=fusion)", "defense.name": "none", "seed": "1"} in labels
+    assert {"attack": "badnets", "seed": "5"} in labels
+    assert len({c.key for c in cells}) == 4
+    assert [c.labels["seed"] for c in select(cells, ["attack=fm(stages=fusion)"])] == ["0", "1"]
+    with pytest.raises(ConfigError, match="matches no cell; axis values: .*attack=none"):
+        select(cells, ["attack=nope"])
+
+
+def test_invalid_cells_fail_before_compute_naming_the_cell(tiny_root, tmp_path):
+    spec = _spec(tiny_root, tmp_path, {"fl.rounds": [1, 0]})
+    with pytest.raises(ConfigError, match=r"grid cell \{'fl.rounds': '0'\}: fl.rounds: must be >= 1"):
+        expand(spec)
+    with pytest.raises(ConfigError, match="has no scale 'paper'; valid: cpu"):
+        expand(_spec(tiny_root, tmp_path, {"seed": [0]}), scale="paper")
+    with pytest.raises(SystemExit):
+        main(["--preset", "no-such-preset"])
+
+
+def test_presets_expand_at_both_scales():
+    for name in grid_mod.presets():
+        spec = load_grid(grid_mod.GRID_DIR / f"{name}.yaml")
+        for scale in spec.scales:
+            assert expand(spec, scale), (name, scale)
+
+
+@attacks.ATTACKS.register("test-explodes")
+class Explodes(Attack):
+    def poison_synthetic(self, synthetic, stage, seed):
+        raise RuntimeError("boom")
+
+
+def test_resume_failed_capture_and_interrupt(tiny_root, tmp_path, monkeypatch):
+    spec = _spec(tiny_root, tmp_path, {"attack.name": ["none", "fm", "test-explodes"]})
+    path, out = _write(tmp_path, spec), tmp_path / "out"
+    assert main(["--config", str(path), "--out", str(out), "--no-report"]) == 1  # one failed cell
+    cells = expand(load_grid(path), overrides=("runtime.progress=false",))
+    status = {c.labels["attack.name"]: cell_status(out, c.key) for c in cells}
+    assert status == {"none": "done", "fm": "done", "test-explodes": "failed"}
+    failed = json.loads((out / "cells" / cells[2].key / "status.json").read_text())
+    assert "RuntimeError: boom" in failed["error"] and "Traceback" in failed["traceback"]
+
+    # only missing cells rerun: remove one record, interrupt on the next cell, resume
+    (out / "cells" / cells[1].key / "record.json").unlink()
+    first_record = (out / "cells" / cells[0].key / "record.json").stat().st_mtime_ns
+    ran = []
+    real = grid_mod.execute_cell
+
+    def interrupting(cfg, out_dir, plugins=(), threads=None):
+        ran.append(cfg["attack"]["name"])
+        if cfg["attack"]["name"] == "test-explodes":
+            raise KeyboardInterrupt
+        return real(cfg, out_dir, plugins, threads)
+
+    monkeypatch.setattr(grid_mod, "execute_cell", interrupting)
+    assert main(["--config", str(path), "--out", str(out), "--no-report"]) == 130
+    assert ran == ["fm", "test-explodes"]
+    assert cell_status(out, cells[1].key) == "done"
+    assert (out / "cells" / cells[0].key / "record.json").stat().st_mtime_ns == first_record
+
+
+def test_not_applicable_cells_are_recorded(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
+    spec = _spec(tiny_root, tmp_path, {"defense.name": ["clip-example"]})
+    spec.base["model"] = {"prototypes": [{"name": "cnn", "width": 0.25}, {"name": "cnn", "width": 0.5}]}
+    out = tmp_path / "out"
+    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--plugin", "clip_defense"]) == 0
+    table = (out / "tables.md").read_text()
+    assert "n/a" in table and "cannot apply to heterogeneous prototypes" in table
+
+
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_parallel_executors(tiny_root, tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    spec = _spec(tiny_root, tmp_path, {"attack.name": ["none", "fm"]})
+    out = tmp_path / "out"
+    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--executor", executor,
+                 "--jobs", "2", "--no-report"]) == 0
+    assert sorted(p.name for p in (out / "cells").iterdir() if (p / "record.json").is_file()).__len__() == 2
+    if executor == "ray":
+        import ray
+
+        ray.shutdown()
+
+
+def test_report_tables_from_fixture_rows():
+    cells = pd.DataFrame([
+        {"attack": a, "defense": d, "seed": s, "status": "done", "acc": acc, "asr": asr, "ra": 0.0,
+         "acc_drop_vs_clean": 0.0, "acc_drop_vs_undefended": drop, "cfg.defense.name": d}
+        for a, d, s, acc, asr, drop in [
+            ("none", "none", 0, 70, 5, 0), ("none", "none", 1, 72, 7, 0),
+            ("fm", "none", 0, 69, 90, 0), ("fm", "none", 1, 71, 94, 0),
+            ("fm", "krum", 0, 60, 80, 9), ("fm", "krum", 1, 62, 84, 9),
+            ("none", "krum", 0, 65, 5, 5), ("none", "krum", 1, 67, 7, 5),
+        ]])
+    summary = summary_table(cells, ["attack", "defense", "seed"])
+    row = summary[(summary["attack"] == "fm") & (summary["defense"] == "none")].iloc[0]
+    assert row["acc"] == "70.00 ± 1.41" and row["asr"] == "92.00 ± 2.83" and row["seeds"] == 2
+    tables = paper_tables(cells, ["attack", "defense", "seed"])
+    attack_table = next(t for name, t in tables.items() if name.startswith("Attack"))
+    assert attack_table.iloc[0]["fm"] == "70.00 ± 1.41 / 92.00 ± 2.83"
+    defense_table = next(t for name, t in tables.items() if name.startswith("Defense")).set_index("defense")
+    assert defense_table.loc["krum", "fm"] == "9.00 ± 0.00 / 82.00 ± 2.83"
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    from fl_core.data import resolve_data_root
+
+    if not (resolve_data_root() / "cifar10" / "train").is_dir():
+        pytest.skip("CIFAR-10 not unpacked under the data root (scripts/setup.sh does it)")
+    out = tmp_path / "smoke"
+    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 3 and (cells["status"] == "done").all()
+    assert {"acc", "asr", "ra", "acc_drop_vs_clean", "wall_seconds", "git_commit"} <= set(cells.columns)
+    assert (out / "rounds.csv").is_file() and (out / "bars.png").is_file() and (out / "tables.md").is_file()
+    assert write_report(out)  # regenerates without rerunning
