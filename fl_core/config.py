@@ -332,6 +332,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     """Resolve setting defaults and check every value and name before any compute."""
     from fl_core import data as data_mod
     from fl_core import models, synthetic
+    from fl_core.hooks import describe
     import attacks
     import defenses
 
@@ -405,6 +406,6 @@ def validate(cfg: CellConfig) -> CellConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}.params: {err}") from err
         # every parameter explicit (defaults filled in), so equal cells hash equally
-        plugin.params = {k: v for k, v in instance.describe().items() if k != "name"}
+        plugin.params = {k: v for k, v in describe(instance).items() if k != "name"}
     _check(cfg.runtime.threads is None or cfg.runtime.threads >= 1, "runtime.threads", "must be >= 1")
     return cfg

@@ -215,6 +215,9 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         ctx = ServerContext(round=r, seed=seed, device=device, num_classes=k, synthetic=syn["fusion"],
                             num_prototypes=n_protos, rounds=cfg.fl.rounds)
         updates: list[ClientUpdate] = []
+        with d_time():
+            for p, model in enumerate(models):
+                defense.before_round(model, p, ctx)
         selected = attack.select_clients(sample_clients(n_clients, cfg.fl.clients_per_round, seed, r), r,
                                          n_clients, seed)
         for cid in selected:
@@ -283,7 +286,7 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         "versions": versions(),
     }
     if out_dir is not None:
-        save_cell(record, models, Path(out_dir))
+        save_cell(record, models, Path(out_dir), defense.state_dict())
     return record
 
 
@@ -294,11 +297,14 @@ def _progress(cfg: CellConfig):
                 leave=False)
 
 
-def save_cell(record: dict, models: list[nn.Module], out_dir: Path) -> None:
-    """Write the final global model(s) and ``record.json`` (last, atomically: its presence means done)."""
+def save_cell(record: dict, models: list[nn.Module], out_dir: Path, defense_state: dict | None = None) -> None:
+    """Write the final global model(s), the defense's learned state and ``record.json`` (last, atomically:
+    its presence means done)."""
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     for p, model in enumerate(models):
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / "models" / f"prototype{p}.pt")
+    if defense_state:
+        torch.save({k: v.cpu() for k, v in defense_state.items()}, out_dir / "models" / "defense.pt")
     tmp = out_dir / "record.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out_dir / "record.json")

@@ -109,6 +109,9 @@ class Defense:
     consumes: ClassVar[frozenset[str]] = frozenset()  # subset of {"updates", "synthetic"}
     parameter_space: ClassVar[bool] = False  # compares parameters across clients (same architecture only)
 
+    def before_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> None:
+        """Called before the clients receive a copy of the global model."""
+
     def filter_update(self, update: ClientUpdate, global_model: nn.Module, ctx: ServerContext) -> ClientUpdate | None:
         """Inspect or change one update; return None to drop it."""
         return update
@@ -124,6 +127,10 @@ class Defense:
     def after_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> nn.Module:
         """Transform a fused global model before evaluation and broadcast."""
         return global_model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Learned state worth saving beside the final models (e.g. activation bounds)."""
+        return {}
 
     def describe(self) -> dict:
         """Name and parameters, for the result record."""

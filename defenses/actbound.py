@@ -1,0 +1,318 @@
+"""The paper's defense (Bi & Li, arXiv 2410.17573), as this project specifies it: activation constraints.
+
+After each round's fusion, bounds on the outputs of hidden activation sites of every fused global
+model are learned on the server's synthetic data only and applied as clamps through forward hooks;
+model weights are never changed. The objective keeps the bounded model's outputs close to the
+unbounded model's (KL or logit MSE) while a penalty shrinks the bounds; the penalty weight adapts
+so that prediction agreement on synthetic data stays at ``target_agreement``. See docs/DEFENSE.md
+for the variants and what each reached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses import DEFENSES, Defense
+from fl_core.activations import sites_of
+from fl_core.data import ImageData, to_float
+from fl_core.seeding import torch_generator
+
+SHAPES = ("channel", "element")
+INITS = ("quantile", "meanstd", "constant")
+FILTERS = ("none", "activation")
+
+
+@dataclass
+class BoundState:
+    """One prototype's bounds: upper = init * exp(theta) per site; clamps read it at every forward."""
+
+    owners: dict[str, nn.Module]
+    init: dict[str, torch.Tensor]
+    theta: dict[str, torch.Tensor]
+    lower: dict[str, torch.Tensor] = field(default_factory=dict)
+    enabled: bool = False
+    broadcast: bool = False
+    lam: float = 1.0
+    handles: list = field(default_factory=list)
+
+    def upper(self, site: str) -> torch.Tensor:
+        return self.init[site] * self.theta[site].exp()
+
+
+def _view(bound: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (C,) or (C, H, W) bound against an output (B, C, ...)."""
+    if bound.dim() == 1:
+        return bound.view(1, -1, *([1] * (out.dim() - 2)))
+    return bound.unsqueeze(0)
+
+
+def attach_clamps(state: BoundState) -> None:
+    """Forward hooks clamping each site's output to its bounds while ``state.enabled``.
+
+    Copies of the model (the clients' models) carry the hooks; they clamp only if ``state.broadcast``.
+    """
+    for name, module in state.owners.items():
+        def hook(mod, args, out, name=name):
+            if not state.enabled or (mod is not state.owners[name] and not state.broadcast):
+                return None
+            clamped = torch.minimum(out, _view(state.upper(name), out))
+            if name in state.lower:
+                clamped = torch.maximum(clamped, _view(state.lower[name], out))
+            return clamped
+
+        state.handles.append(module.register_forward_hook(hook))
+
+
+@torch.no_grad()
+def site_outputs(model: nn.Module, images: torch.Tensor, sites: list[str], reduce, batch_size: int = 500):
+    """``reduce(output)`` of each site for every image, concatenated over batches (eval mode)."""
+    modules = sites_of(model)
+    got: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    handles = [modules[s].register_forward_hook(lambda m, a, o, s=s: got[s].append(reduce(o))) for s in sites]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(images), batch_size):
+            model(to_float(images[i: i + batch_size].to(device)))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {s: torch.cat(v) for s, v in got.items()}
+
+
+def robust_z(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """(x - median) / (1.4826 * MAD) along ``dim``."""
+    med = values.median(dim=dim, keepdim=True).values
+    mad = (values - med).abs().median(dim=dim, keepdim=True).values
+    return (values - med) / (1.4826 * mad + 1e-6)
+
+
+def abnormal_samples(model: nn.Module, images: torch.Tensor, sites: list[str], z: float) -> torch.Tensor:
+    """Flag samples whose peak channel activation is abnormal (robust statistics, no labels needed).
+
+    Per site and channel, the spatial maximum of each sample is scored by its robust z against the
+    whole set; a sample's score is its largest z over sites and channels; samples whose score is a
+    robust outlier among all scores (modified z > ``z``) are flagged.
+    """
+    peaks = site_outputs(model, images, sites, lambda o: o.flatten(2).amax(-1) if o.dim() > 2 else o)
+    score = torch.stack([robust_z(p).amax(1) for p in peaks.values()]).amax(0)
+    return robust_z(score) > z
+
+
+@DEFENSES.register("actbound")
+class ActivationBounds(Defense):
+    """Activation constraints learned on synthetic data during fusion (the paper's defense).
+
+    Parameters (defaults in brackets):
+      sites ["all"]: every activation site, or a list of site names.
+      shape ["channel"]: per-channel bounds, or "element" (per channel and position, UNIT-like);
+      element_sites [0]: with shape "channel", the first N sites use per-element bounds instead.
+      lower [False]: also clamp from below at the (1 - init_q) quantile (fixed, not learned).
+      init ["quantile"] with init_q [0.999]; "meanstd" (mean + init_k std, init_k [4]); "constant" (init_value).
+      objective ["kl"] or "mse" (logit MSE) between bounded and unbounded outputs on synthetic data.
+      target_agreement [0.95]: prediction agreement with the unbounded model that steers the penalty weight.
+      steps [150] first fit, refine_steps [30] per later round (warm start), lr [0.05], batch_size [128].
+      trim [0.0]: robust preservation, ignore the worst-preserved share of each batch.
+      filter ["none"] or "activation": exclude synthetic samples with abnormal peak activations
+        (robust z > filter_z [3.5]) from the preservation term, and from fusion if filter_fusion [True].
+      during_fusion [False]: bounds active on the student while the server distils.
+      broadcast [False]: bounds stay active in the model sent to clients.
+    """
+
+    consumes = frozenset({"synthetic"})
+
+    def __init__(self, sites: str | list = "all", shape: str = "channel", element_sites: int = 0,
+                 lower: bool = False, init: str = "quantile", init_q: float = 0.999, init_k: float = 4.0,
+                 init_value: float = 10.0, objective: str = "kl", target_agreement: float = 0.95,
+                 steps: int = 150, refine_steps: int = 30, lr: float = 0.05, batch_size: int = 128,
+                 trim: float = 0.0, filter: str = "none", filter_z: float = 3.5, filter_fusion: bool = True,
+                 during_fusion: bool = False, broadcast: bool = False):
+        checks = [(shape in SHAPES, f"shape {shape!r} unknown; valid: {', '.join(SHAPES)}"),
+                  (init in INITS, f"init {init!r} unknown; valid: {', '.join(INITS)}"),
+                  (objective in ("kl", "mse"), f"objective {objective!r} unknown; valid: kl, mse"),
+                  (filter in FILTERS, f"filter {filter!r} unknown; valid: {', '.join(FILTERS)}"),
+                  (0.5 < init_q < 1, "init_q must be in (0.5, 1)"),
+                  (0 < target_agreement <= 1, "target_agreement must be in (0, 1]"),
+                  (0 <= trim < 1, "trim must be in [0, 1)"),
+                  (steps >= 1 and refine_steps >= 0, "steps >= 1 and refine_steps >= 0 are required"),
+                  (lr > 0 and batch_size >= 1 and element_sites >= 0, "lr > 0, batch_size >= 1, element_sites >= 0"),
+                  (sites == "all" or isinstance(sites, list), "sites must be 'all' or a list of site names")]
+        for ok, why in checks:
+            if not ok:
+                raise ValueError(why)
+        self.sites, self.shape, self.element_sites, self.lower = sites, shape, element_sites, lower
+        self.init, self.init_q, self.init_k, self.init_value = init, init_q, init_k, init_value
+        self.objective, self.target_agreement = objective, target_agreement
+        self.steps, self.refine_steps, self.lr, self.batch_size, self.trim = steps, refine_steps, lr, batch_size, trim
+        self.filter, self.filter_z, self.filter_fusion = filter, filter_z, filter_fusion
+        self.during_fusion, self.broadcast = during_fusion, broadcast
+        self._states: dict[int, BoundState] = {}
+        self._flagged: dict[int, torch.Tensor] = {}
+        self._log: list[dict] = []
+
+    # ------------------------------------------------------------ set-up
+
+    def chosen_sites(self, model: nn.Module) -> list[str]:
+        names = list(sites_of(model))
+        if self.sites == "all":
+            return names
+        unknown = [s for s in self.sites if s not in names]
+        if unknown:
+            raise ValueError(f"unknown activation site(s) {unknown}; valid: {', '.join(names)}")
+        return list(self.sites)
+
+    def initial_bounds(self, model: nn.Module, images: torch.Tensor) -> tuple[dict, dict]:
+        """Upper (and lower) starting bounds per site from activation statistics on synthetic data."""
+        sites = self.chosen_sites(model)
+        outs = site_outputs(model, images[:1000], sites, lambda o: o.float())
+        uppers, lowers = {}, {}
+        for i, site in enumerate(sites):
+            acts = outs[site]
+            per_element = self.shape == "element" or i < self.element_sites
+            flat = acts.transpose(0, 1).flatten(1) if not per_element else acts.flatten(1).T  # (units, samples)
+            if self.init == "quantile":
+                upper = torch.quantile(flat, self.init_q, dim=1)
+            elif self.init == "meanstd":
+                upper = flat.mean(1) + self.init_k * flat.std(1)
+            else:
+                upper = torch.full((flat.shape[0],), float(self.init_value))
+            shape = acts.shape[1:] if per_element else acts.shape[1:2]
+            uppers[site] = upper.clamp_min(1e-3).view(shape)
+            if self.lower:
+                lowers[site] = torch.quantile(flat, 1 - self.init_q, dim=1).view(shape)
+        return uppers, lowers
+
+    def state_for(self, model: nn.Module, prototype: int, images: torch.Tensor) -> BoundState:
+        if prototype not in self._states:
+            uppers, lowers = self.initial_bounds(model, images)
+            owners = {s: sites_of(model)[s] for s in uppers}
+            state = BoundState(owners, uppers, {s: torch.zeros_like(u) for s, u in uppers.items()}, lowers,
+                               broadcast=self.broadcast)
+            attach_clamps(state)
+            self._states[prototype] = state
+        return self._states[prototype]
+
+    # ------------------------------------------------------------ learning
+
+    def preservation_data(self, prototype: int, synthetic: ImageData) -> torch.Tensor:
+        flagged = self._flagged.get(prototype)
+        return synthetic.images if flagged is None else synthetic.images[~flagged.to(synthetic.images.device)]
+
+    def fit(self, model: nn.Module, state: BoundState, images: torch.Tensor, steps: int, key: tuple) -> dict:
+        """Adam on log-scale bounds: preservation (+ trimming) + lam * mean(upper / init); lam adapts to the
+        agreement target, and the tightest bounds that met it on a batch are kept. Returns the agreement
+        on (up to 2,000 of) the preservation samples, lam and the normalised bound size."""
+        was_training = model.training
+        model.eval()
+        grads = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+        device = next(model.parameters()).device
+        state.enabled = False
+        with torch.no_grad():
+            reference = torch.cat([model(to_float(images[i: i + 500].to(device))) for i in range(0, len(images), 500)])
+        thetas = [state.theta[s].requires_grad_(True) for s in state.theta]
+        opt = torch.optim.Adam(thetas, lr=self.lr)
+        gen = torch_generator(key[0], "actbound", *key[1:])
+        state.enabled = True
+        feasible = {s: t.detach().clone() for s, t in state.theta.items()}  # last bounds that met the target
+        for _ in range(steps):
+            idx = torch.randint(0, len(images), (min(self.batch_size, len(images)),), generator=gen)
+            x, ref = to_float(images[idx.to(images.device)].to(device)), reference[idx.to(device)]
+            out = model(x)
+            if self.objective == "kl":
+                per_sample = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True,
+                                      reduction="none").sum(-1)
+            else:
+                per_sample = (out - ref).pow(2).mean(-1)
+            keep = torch.ones_like(per_sample, dtype=torch.bool)
+            if self.trim > 0:
+                k = max(1, int(round((1 - self.trim) * len(per_sample))))
+                keep = torch.zeros_like(keep)
+                keep[per_sample.topk(k, largest=False).indices] = True
+            penalty = torch.stack([state.theta[s].exp().mean() for s in state.theta]).mean()
+            loss = per_sample[keep].mean() + state.lam * penalty
+            with torch.no_grad():  # the outputs above were produced by the current bounds
+                agree = (out.argmax(-1) == ref.argmax(-1))[keep].float().mean()
+                if agree >= self.target_agreement:
+                    feasible = {s: t.detach().clone() for s, t in state.theta.items()}
+                state.lam = min(1e4, state.lam * 1.2) if agree >= self.target_agreement else max(1e-4, state.lam / 1.2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            for site, t in state.theta.items():
+                t.requires_grad_(False)
+                t.copy_(feasible[site])
+            probe = images[:2000]
+            bounded = torch.cat([model(to_float(probe[i: i + 500].to(device))).argmax(-1)
+                                 for i in range(0, len(probe), 500)])
+            agreement = float((bounded == reference[: len(probe)].argmax(-1)).float().mean())
+            penalty = float(torch.stack([t.exp().mean() for t in state.theta.values()]).mean())
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+        return {"agreement": agreement, "lam": state.lam, "penalty": penalty}
+
+    # ------------------------------------------------------------ hooks
+
+    def before_round(self, global_model, prototype, ctx):
+        state = self._states.get(prototype)
+        if state is not None:
+            state.enabled = self.broadcast
+
+    def on_fusion(self, plan, global_model, ctx):
+        if self.filter == "activation":
+            flagged = abnormal_samples(global_model, ctx.synthetic.images, self.chosen_sites(global_model),
+                                       self.filter_z)
+            self._flagged[plan.prototype] = flagged.cpu()
+            if self.filter_fusion and plan.synthetic is ctx.synthetic and flagged.any():
+                keep = ~flagged.to(plan.synthetic.labels.device)
+                plan.synthetic = ImageData(plan.synthetic.images[keep], plan.synthetic.labels[keep],
+                                           plan.synthetic.classes)
+        if self.during_fusion:
+            images = self.preservation_data(plan.prototype, ctx.synthetic)
+            new = plan.prototype not in self._states
+            state = self.state_for(global_model, plan.prototype, images)
+            if new:
+                self.fit(global_model, state, images, self.steps, (ctx.seed, ctx.round, "fusion"))
+            state.enabled = True
+        return plan
+
+    def after_round(self, global_model, prototype, ctx):
+        images = self.preservation_data(prototype, ctx.synthetic)
+        first = prototype not in self._states
+        state = self.state_for(global_model, prototype, images)
+        steps = self.steps if first else self.refine_steps
+        info = self.fit(global_model, state, images, steps, (ctx.seed, ctx.round)) if steps else {}
+        flagged = self._flagged.get(prototype)
+        self._log.append({"round": ctx.round, "prototype": prototype, "steps": steps,
+                          "flagged": int(flagged.sum()) if flagged is not None else 0, **info})
+        state.enabled = True
+        return global_model
+
+    def detach(self) -> None:
+        """Remove every clamp hook (the models behave exactly as before the defense)."""
+        for state in self._states.values():
+            for handle in state.handles:
+                handle.remove()
+            state.handles.clear()
+        self._states.clear()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for p, state in self._states.items():
+            for site in state.theta:
+                out[f"{p}/{site}/upper"] = state.upper(site).detach()
+                if site in state.lower:
+                    out[f"{p}/{site}/lower"] = state.lower[site]
+        for p, flagged in self._flagged.items():
+            out[f"{p}/flagged"] = flagged
+        return out
+
+    def describe(self) -> dict:
+        return {**super().describe(), "fits": self._log}

@@ -1,0 +1,129 @@
+"""The paper's defense on a toy model with a planted large-activation backdoor neuron."""
+import copy
+
+import torch
+from torch import nn
+
+from defenses import DEFENSES
+from fl_core.data import ImageData
+from fl_core.hooks import FusionPlan, ServerContext
+from fl_core.metrics import predict
+from fl_core.models import ActivationSite, Classifier
+
+
+def toy_backdoored_model() -> Classifier:
+    """Channels 0-2 copy the colour channels; channel 3 fires only on white pixels and votes hard for class 0."""
+    conv = nn.Conv2d(3, 4, 1)
+    head = nn.Linear(4, 3)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        for k in range(3):
+            conv.weight[k, k] = 1.0
+        conv.weight[3] = 1.0
+        conv.bias[3] = -2.5
+        head.weight.zero_()
+        head.bias.zero_()
+        for k in range(3):
+            head.weight[k, k] = 10.0
+        head.weight[0, 3] = 3000.0
+    net = nn.Sequential(conv, ActivationSite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    return Classifier(net, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), ["net.1"])
+
+
+def toy_data(n=300, seed=0, trigger=False):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    images = torch.randint(0, 120, (n, 3, 8, 8), generator=gen)
+    brightness = torch.randint(40, 121, (n, 1, 1), generator=gen)
+    images[torch.arange(n), labels] += brightness  # the label's colour dominates; no pixel is white
+    if trigger:
+        images[:, :, -2:, -2:] = 255
+    return ImageData(images.to(torch.uint8), labels, ["r", "g", "b"])
+
+
+def _ctx(syn, round_idx=1):
+    return ServerContext(round_idx, 0, torch.device("cpu"), 3, syn, rounds=3)
+
+
+def _asr(model):
+    triggered = toy_data(200, seed=5, trigger=True)
+    keep = triggered.labels != 0
+    return float((predict(model, triggered.images[keep], 100, torch.device("cpu")) == 0).float().mean())
+
+
+def _agreement(model, reference, data):
+    return float((predict(model, data.images, 100, torch.device("cpu"))
+                  == predict(reference, data.images, 100, torch.device("cpu"))).float().mean())
+
+
+def test_bounds_remove_the_planted_backdoor_without_touching_weights():
+    model, syn = toy_backdoored_model(), toy_data()
+    reference = copy.deepcopy(model)
+    assert _asr(model) == 1.0
+    defense = DEFENSES.get("actbound")(steps=200, lr=0.1, target_agreement=0.95)
+    defense.after_round(model, 0, _ctx(syn))
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    assert _asr(model) < 0.1
+    assert _agreement(model, reference, toy_data(300, seed=9)) >= 0.9
+    fit = defense._log[-1]
+    assert fit["agreement"] >= 0.95 and fit["penalty"] < 1.0  # bounds shrank while outputs were kept
+    defense.detach()
+    assert _asr(model) == 1.0 and not model.net[1]._forward_hooks  # removed cleanly
+
+
+def test_clamps_sit_where_configured_and_state_carries_across_rounds():
+    model, syn = toy_backdoored_model(), toy_data()
+    defense = DEFENSES.get("actbound")(steps=20, refine_steps=5, sites=["net.1"], shape="element")
+    defense.after_round(model, 0, _ctx(syn, 1))
+    state = defense._states[0]
+    assert list(state.owners) == ["net.1"] and len(model.net[1]._forward_hooks) == 1
+    assert state.theta["net.1"].shape == (4, 8, 8)  # per element
+    after_first = state.theta["net.1"].clone()
+    defense.before_round(model, 0, _ctx(syn, 2))
+    assert not state.enabled  # clients receive the unbounded model unless broadcast
+    defense.after_round(model, 0, _ctx(syn, 2))
+    assert defense._states[0] is state and len(model.net[1]._forward_hooks) == 1
+    assert defense._log[-1]["steps"] == 5 and not torch.equal(after_first, state.theta["net.1"])
+    assert state.enabled
+
+
+def test_broadcast_bounds_reach_client_copies_only_when_asked():
+    for broadcast in (False, True):
+        model, syn = toy_backdoored_model(), toy_data()
+        defense = DEFENSES.get("actbound")(steps=100, lr=0.1, broadcast=broadcast)
+        defense.after_round(model, 0, _ctx(syn))
+        defense.before_round(model, 0, _ctx(syn, 2))
+        client = copy.deepcopy(model)
+        assert (_asr(client) < 0.1) == broadcast
+
+
+def test_activation_filter_flags_triggered_synthetic_samples():
+    model = toy_backdoored_model()
+    clean, poisoned = toy_data(270), toy_data(30, seed=3, trigger=True)
+    syn = ImageData(torch.cat([clean.images, poisoned.images]), torch.cat([clean.labels, torch.zeros(30).long()]),
+                    clean.classes)
+    defense = DEFENSES.get("actbound")(filter="activation", steps=5)
+    plan = defense.on_fusion(FusionPlan(0, [], torch.ones(0), syn), model, _ctx(syn))
+    flagged = defense._flagged[0]
+    assert flagged[270:].all() and flagged[:270].float().mean() < 0.1
+    assert len(plan.synthetic) == 300 - int(flagged.sum())
+
+
+def test_fits_are_deterministic():
+    bounds = []
+    for _ in range(2):
+        model = toy_backdoored_model()
+        defense = DEFENSES.get("actbound")(steps=30)
+        defense.after_round(model, 0, _ctx(toy_data()))
+        bounds.append(defense.state_dict()["0/net.1/upper"])
+    assert torch.equal(bounds[0], bounds[1])
+
+
+def test_runs_in_the_fl_loop_with_fusion_and_broadcast_options(tiny_config):
+    from fl_core.fl import run_cell
+
+    params = {"steps": 5, "refine_steps": 2, "during_fusion": True, "broadcast": True, "filter": "activation"}
+    record = run_cell(tiny_config({"defense": {"name": "actbound", "params": params}}), log=lambda *_: None)
+    fits = record["defense"]["fits"]
+    assert [f["round"] for f in fits] == [1, 2] and fits[1]["steps"] == 2
