@@ -73,11 +73,17 @@ def load_grid(path: str | Path) -> GridSpec:
         if found is None:
             raise ConfigError(f"{path}: base config {base!r} not found (looked at {', '.join(map(str, candidates))})")
         base = load_yaml(found)
+    scales = raw.get("scales") or {}
+    if isinstance(scales, str):  # reuse the scales of another grid file
+        other = path.parent / scales
+        if not other.is_file():
+            raise ConfigError(f"{path}: scales {scales!r} names no grid file beside it")
+        scales = load_yaml(other).get("scales") or {}
     axes = raw.get("axes") or {}
     for name, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axis {name!r} must be a non-empty list")
-    return GridSpec(path.stem, raw.get("description", ""), base, raw.get("scales") or {}, axes,
+    return GridSpec(path.stem, raw.get("description", ""), base, scales, axes,
                     raw.get("exclude") or [], raw.get("include") or [])
 
 

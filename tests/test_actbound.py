@@ -127,3 +127,15 @@ def test_runs_in_the_fl_loop_with_fusion_and_broadcast_options(tiny_config):
     record = run_cell(tiny_config({"defense": {"name": "actbound", "params": params}}), log=lambda *_: None)
     fits = record["defense"]["fits"]
     assert [f["round"] for f in fits] == [1, 2] and fits[1]["steps"] == 2
+
+
+def test_activation_evidence_plot_from_a_saved_cell(tiny_config, tiny_root, tmp_path):
+    from benchmarks.activations import main
+    from fl_core.fl import run_cell
+
+    cfg = tiny_config({"defense": {"name": "actbound", "params": {"steps": 5}}, "fl": {"rounds": 1}})
+    run_cell(cfg, tmp_path / "cell", log=lambda *_: None)
+    saved = torch.load(tmp_path / "cell" / "models" / "defense.pt", weights_only=True)
+    assert any(k.endswith("/upper") for k in saved)
+    assert main([str(tmp_path / "cell"), "--data-root", str(tiny_root), "--samples", "20"]) == 0
+    assert (tmp_path / "cell" / "activations.png").stat().st_size > 0
