@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from attacks import make_trigger
-from defenses.actbound import BoundState, attach_clamps, site_outputs
+from defenses.actbound import BoundState, attach_clamps
+from fl_core.activations import site_outputs
 from fl_core.config import CellConfig, from_dict
 from fl_core.data import load_dataset
 from fl_core.metrics import backdoor_test_set

@@ -171,14 +171,16 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = ()) 
 
 
 def select(cells: list[Cell], filters: list[str]) -> list[Cell]:
-    """Keep cells whose labels match every ``axis=value`` filter (axis by full or last dotted name)."""
+    """Keep cells whose labels match every ``axis=value`` filter (axis by its full, first or last dotted
+    name; ``axis=a|b`` matches either value)."""
     for item in filters:
         if "=" not in item:
             raise ConfigError(f"--only {item!r} must look like axis=value")
         key, value = item.split("=", 1)
+        wanted = set(value.split("|"))
 
         def hit(cell: Cell) -> bool:
-            return any((axis == key or axis.split(".")[-1] == key or axis.split(".")[0] == key) and lab == value
+            return any((axis == key or axis.split(".")[-1] == key or axis.split(".")[0] == key) and lab in wanted
                        for axis, lab in cell.labels.items())
 
         if not any(hit(c) for c in cells):
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a cell config value in every cell (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
-                        help="run only cells whose axis label matches (repeatable)")
+                        help="run only cells whose axis label matches; a|b for either (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their status and an estimate")
     parser.add_argument("--out", help="output folder (default: runs/<preset>-<scale>)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel cells (process and ray executors)")

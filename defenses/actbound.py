@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses import DEFENSES, Defense
-from fl_core.activations import sites_of
+from fl_core.activations import site_outputs, sites_of
 from fl_core.data import ImageData, to_float
 from fl_core.seeding import torch_generator
 
@@ -66,25 +66,6 @@ def attach_clamps(state: BoundState) -> None:
         state.handles.append(module.register_forward_hook(hook))
 
 
-@torch.no_grad()
-def site_outputs(model: nn.Module, images: torch.Tensor, sites: list[str], reduce, batch_size: int = 500):
-    """``reduce(output)`` of each site for every image, concatenated over batches (eval mode)."""
-    modules = sites_of(model)
-    got: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    handles = [modules[s].register_forward_hook(lambda m, a, o, s=s: got[s].append(reduce(o))) for s in sites]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(images), batch_size):
-            model(to_float(images[i: i + batch_size].to(device)))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {s: torch.cat(v) for s, v in got.items()}
-
-
 def robust_z(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """(x - median) / (1.4826 * MAD) along ``dim``."""
     med = values.median(dim=dim, keepdim=True).values
@@ -92,15 +73,21 @@ def robust_z(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return (values - med) / (1.4826 * mad + 1e-6)
 
 
-def abnormal_samples(model: nn.Module, images: torch.Tensor, sites: list[str], z: float) -> torch.Tensor:
-    """Flag samples whose peak channel activation is abnormal (robust statistics, no labels needed).
+def abnormal_samples(model: nn.Module, images: torch.Tensor, sites: list[str], z: float,
+                     granularity: str = "channel") -> torch.Tensor:
+    """Flag samples whose activations are abnormal (robust statistics, no labels needed).
 
-    Per site and channel, the spatial maximum of each sample is scored by its robust z against the
-    whole set; a sample's score is its largest z over sites and channels; samples whose score is a
-    robust outlier among all scores (modified z > ``z``) are flagged.
+    Per site, each unit (a channel's spatial peak, or with ``granularity: element`` each channel and
+    position) of each sample is scored by its robust z against the whole set; a sample's score is its
+    largest z over sites and units; samples whose score is a robust outlier among all scores
+    (modified z > ``z``) are flagged.
     """
-    peaks = site_outputs(model, images, sites, lambda o: o.flatten(2).amax(-1) if o.dim() > 2 else o)
-    score = torch.stack([robust_z(p).amax(1) for p in peaks.values()]).amax(0)
+    if granularity == "element":
+        reduce = lambda o: o.flatten(1)  # noqa: E731
+    else:
+        reduce = lambda o: o.flatten(2).amax(-1) if o.dim() > 2 else o  # noqa: E731
+    units = site_outputs(model, images, sites, reduce)
+    score = torch.stack([robust_z(u).amax(1) for u in units.values()]).amax(0)
     return robust_z(score) > z
 
 
@@ -119,7 +106,8 @@ class ActivationBounds(Defense):
       steps [150] first fit, refine_steps [30] per later round (warm start), lr [0.05], batch_size [128].
       trim [0.0]: robust preservation, ignore the worst-preserved share of each batch.
       filter ["none"] or "activation": exclude synthetic samples with abnormal peak activations
-        (robust z > filter_z [3.5]) from the preservation term, and from fusion if filter_fusion [True].
+        (robust z > filter_z [3.5]; per channel peak, or filter_unit "element": per channel and position)
+        from the preservation term, and from fusion if filter_fusion [True].
       during_fusion [False]: bounds active on the student while the server distils.
       broadcast [False]: bounds stay active in the model sent to clients.
     """
@@ -130,12 +118,14 @@ class ActivationBounds(Defense):
                  lower: bool = False, init: str = "quantile", init_q: float = 0.999, init_k: float = 4.0,
                  init_value: float = 10.0, objective: str = "kl", target_agreement: float = 0.95,
                  steps: int = 150, refine_steps: int = 30, lr: float = 0.05, batch_size: int = 128,
-                 trim: float = 0.0, filter: str = "none", filter_z: float = 3.5, filter_fusion: bool = True,
+                 trim: float = 0.0, filter: str = "none", filter_z: float = 3.5, filter_unit: str = "channel",
+                 filter_fusion: bool = True,
                  during_fusion: bool = False, broadcast: bool = False):
         checks = [(shape in SHAPES, f"shape {shape!r} unknown; valid: {', '.join(SHAPES)}"),
                   (init in INITS, f"init {init!r} unknown; valid: {', '.join(INITS)}"),
                   (objective in ("kl", "mse"), f"objective {objective!r} unknown; valid: kl, mse"),
                   (filter in FILTERS, f"filter {filter!r} unknown; valid: {', '.join(FILTERS)}"),
+                  (filter_unit in SHAPES, f"filter_unit {filter_unit!r} unknown; valid: {', '.join(SHAPES)}"),
                   (0.5 < init_q < 1, "init_q must be in (0.5, 1)"),
                   (0 < target_agreement <= 1, "target_agreement must be in (0, 1]"),
                   (0 <= trim < 1, "trim must be in [0, 1)"),
@@ -149,7 +139,7 @@ class ActivationBounds(Defense):
         self.init, self.init_q, self.init_k, self.init_value = init, init_q, init_k, init_value
         self.objective, self.target_agreement = objective, target_agreement
         self.steps, self.refine_steps, self.lr, self.batch_size, self.trim = steps, refine_steps, lr, batch_size, trim
-        self.filter, self.filter_z, self.filter_fusion = filter, filter_z, filter_fusion
+        self.filter, self.filter_z, self.filter_unit, self.filter_fusion = filter, filter_z, filter_unit, filter_fusion
         self.during_fusion, self.broadcast = during_fusion, broadcast
         self._states: dict[int, BoundState] = {}
         self._flagged: dict[int, torch.Tensor] = {}
@@ -268,8 +258,10 @@ class ActivationBounds(Defense):
     def on_fusion(self, plan, global_model, ctx):
         if self.filter == "activation":
             flagged = abnormal_samples(global_model, ctx.synthetic.images, self.chosen_sites(global_model),
-                                       self.filter_z)
-            self._flagged[plan.prototype] = flagged.cpu()
+                                       self.filter_z, self.filter_unit)
+            previous = self._flagged.get(plan.prototype)  # once abnormal, always excluded
+            flagged = flagged.cpu() | previous if previous is not None else flagged.cpu()
+            self._flagged[plan.prototype] = flagged
             if self.filter_fusion and plan.synthetic is ctx.synthetic and flagged.any():
                 keep = ~flagged.to(plan.synthetic.labels.device)
                 plan.synthetic = ImageData(plan.synthetic.images[keep], plan.synthetic.labels[keep],

@@ -17,32 +17,30 @@ def sites_of(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def channel_means(model: nn.Module, images: torch.Tensor, batch_size: int = 500,
-                  sites: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Mean activation per channel (C,) of each site over ``images`` (uint8), in eval mode."""
-    chosen = {n: m for n, m in sites_of(model).items() if sites is None or n in sites}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def recorder(name):
-        def hook(module, args, output):
-            dims = [d for d in range(output.dim()) if d != 1]
-            sums[name] = sums.get(name, 0) + output.float().sum(dim=dims)
-            counts[name] = counts.get(name, 0) + output.numel() // output.shape[1]
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, m in chosen.items()]
+def site_outputs(model: nn.Module, images: torch.Tensor, sites: list[str],
+                 reduce: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """``reduce(output)`` of each named site for every image (uint8), concatenated over batches, eval mode."""
+    modules = sites_of(model)
+    got: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    handles = [modules[s].register_forward_hook(lambda m, a, o, s=s: got[s].append(reduce(o))) for s in sites]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        device = next(model.parameters()).device
-        for start in range(0, len(images), batch_size):
-            model(to_float(images[start: start + batch_size].to(device)))
+        for i in range(0, len(images), batch_size):
+            model(to_float(images[i: i + batch_size].to(device)))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: total / counts[name] for name, total in sums.items()}
+    return {s: torch.cat(v) for s, v in got.items()}
+
+
+def channel_means(model: nn.Module, images: torch.Tensor, sites: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Mean activation per channel (C,) of each site over ``images`` and positions."""
+    names = list(sites_of(model)) if sites is None else sites
+    per_sample = site_outputs(model, images, names, lambda o: o.float().flatten(2).mean(-1) if o.dim() > 2 else o)
+    return {name: acts.mean(0) for name, acts in per_sample.items()}
 
 
 class OutputTransforms:

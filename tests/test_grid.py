@@ -40,6 +40,7 @@ def test_expansion_exclude_include_labels_and_filters(tiny_root, tmp_path):
     assert {"attack": "badnets", "seed": "5"} in labels
     assert len({c.key for c in cells}) == 4
     assert [c.labels["seed"] for c in select(cells, ["attack=fm(stages=fusion)"])] == ["0", "1"]
+    assert len(select(cells, ["attack=fm(stages=fusion)|badnets", "seed=1|5"])) == 2
     with pytest.raises(ConfigError, match="matches no cell; axis values: .*attack=none"):
         select(cells, ["attack=nope"])
 
