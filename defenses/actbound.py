@@ -21,7 +21,7 @@ from fl_core.data import ImageData, to_float
 from fl_core.seeding import torch_generator
 
 SHAPES = ("channel", "element")
-INITS = ("quantile", "meanstd", "constant")
+INITS = ("quantile", "meanstd", "robust", "constant")
 FILTERS = ("none", "activation")
 
 
@@ -100,7 +100,9 @@ class ActivationBounds(Defense):
       shape ["channel"]: per-channel bounds, or "element" (per channel and position, UNIT-like);
       element_sites [0]: with shape "channel", the first N sites use per-element bounds instead.
       lower [False]: also clamp from below at the (1 - init_q) quantile (fixed, not learned).
-      init ["quantile"] with init_q [0.999]; "meanstd" (mean + init_k std, init_k [4]); "constant" (init_value).
+      init ["quantile"] with init_q [0.999]; "meanstd" (mean + init_k std, init_k [4]); "robust" (median +
+        init_k MAD of each channel's per-sample peak: not moved by a minority of triggered samples);
+        "constant" (init_value).
       objective ["kl"] or "mse" (logit MSE) between bounded and unbounded outputs on synthetic data.
       target_agreement [0.95]: prediction agreement with the unbounded model that steers the penalty weight.
       steps [150] first fit, refine_steps [30] per later round (warm start), lr [0.05], batch_size [128].
@@ -165,14 +167,22 @@ class ActivationBounds(Defense):
             acts = outs[site]
             per_element = self.shape == "element" or i < self.element_sites
             flat = acts.transpose(0, 1).flatten(1) if not per_element else acts.flatten(1).T  # (units, samples)
+            shape = acts.shape[1:] if per_element else acts.shape[1:2]
             if self.init == "quantile":
                 upper = torch.quantile(flat, self.init_q, dim=1)
             elif self.init == "meanstd":
                 upper = flat.mean(1) + self.init_k * flat.std(1)
+            elif self.init == "robust":
+                # median + k * MAD of each channel's per-sample spatial peak: a minority of triggered
+                # samples with abnormal peaks cannot move it (unlike a quantile or mean + k std)
+                peaks = acts.flatten(2).amax(-1) if acts.dim() > 2 else acts
+                med = peaks.median(0).values
+                upper = med + self.init_k * 1.4826 * (peaks - med).abs().median(0).values
+                if per_element:
+                    upper = upper.view(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
             else:
                 upper = torch.full((flat.shape[0],), float(self.init_value))
-            shape = acts.shape[1:] if per_element else acts.shape[1:2]
-            uppers[site] = upper.clamp_min(1e-3).view(shape)
+            uppers[site] = upper.clamp_min(1e-3).reshape(shape)
             if self.lower:
                 lowers[site] = torch.quantile(flat, 1 - self.init_q, dim=1).view(shape)
         return uppers, lowers

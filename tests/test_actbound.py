@@ -139,3 +139,13 @@ def test_activation_evidence_plot_from_a_saved_cell(tiny_config, tiny_root, tmp_
     assert any(k.endswith("/upper") for k in saved)
     assert main([str(tmp_path / "cell"), "--data-root", str(tiny_root), "--samples", "20"]) == 0
     assert (tmp_path / "cell" / "activations.png").stat().st_size > 0
+
+
+def test_robust_init_ignores_a_triggered_minority():
+    model = toy_backdoored_model()
+    clean, poisoned = toy_data(240), toy_data(60, seed=3, trigger=True)
+    images = torch.cat([clean.images, poisoned.images])
+    robust = DEFENSES.get("actbound")(init="robust").initial_bounds(model, images)[0]["net.1"]
+    quantile = DEFENSES.get("actbound")().initial_bounds(model, images)[0]["net.1"]
+    assert robust[3] < 0.01 < quantile[3]  # the trigger channel: silent for the clean majority
+    assert (robust[:3] > 0.5).all()  # colour channels keep their clean range
