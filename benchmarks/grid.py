@@ -323,7 +323,9 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
     """``grid.json``: the grid's axes and every cell's key, labels and config (read by the report)."""
     path = out / "grid.json"
     previous = json.loads(path.read_text())["cells"] if path.is_file() else []
-    entries = {c["key"]: c for c in previous}
+    current = {json.dumps(c.labels, sort_keys=True) for c in cells}
+    # keep earlier cells (e.g. other --only subsets) unless a current cell with the same labels replaces them
+    entries = {c["key"]: c for c in previous if json.dumps(c["labels"], sort_keys=True) not in current}
     for cell in cells:
         entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
     _write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,

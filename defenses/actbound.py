@@ -106,7 +106,8 @@ class ActivationBounds(Defense):
       objective ["kl"] or "mse" (logit MSE) between bounded and unbounded outputs on synthetic data.
       target_agreement [0.95]: prediction agreement with the unbounded model that steers the penalty weight.
       steps [150] first fit, refine_steps [30] per later round (warm start), lr [0.05], batch_size [128].
-      trim [0.0]: robust preservation, ignore the worst-preserved share of each batch.
+      trim [0.25]: robust preservation, ignore the worst-preserved share of each batch (the best variant
+        measured, see docs/DEFENSE.md; 0 gives the plain MM-BM-style objective).
       filter ["none"] or "activation": exclude synthetic samples with abnormal peak activations
         (robust z > filter_z [3.5]; per channel peak, or filter_unit "element": per channel and position)
         from the preservation term, and from fusion if filter_fusion [True].
@@ -120,7 +121,7 @@ class ActivationBounds(Defense):
                  lower: bool = False, init: str = "quantile", init_q: float = 0.999, init_k: float = 4.0,
                  init_value: float = 10.0, objective: str = "kl", target_agreement: float = 0.95,
                  steps: int = 150, refine_steps: int = 30, lr: float = 0.05, batch_size: int = 128,
-                 trim: float = 0.0, filter: str = "none", filter_z: float = 3.5, filter_unit: str = "channel",
+                 trim: float = 0.25, filter: str = "none", filter_z: float = 3.5, filter_unit: str = "channel",
                  filter_fusion: bool = True,
                  during_fusion: bool = False, broadcast: bool = False):
         checks = [(shape in SHAPES, f"shape {shape!r} unknown; valid: {', '.join(SHAPES)}"),
