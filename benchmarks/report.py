@@ -120,7 +120,9 @@ def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame
             subset, others, attack, lambda g: f"{_mean_std(g['acc'])} / {_mean_std(g['asr'])}")
     if defense:
         rows = [defense] + others
-        col = attack or "seed"
+        col = attack or "attack"
+        if col not in cells:
+            cells = cells.assign(attack=cells["cfg.attack.name"])
         tables["Defense table: ACC drop vs undefended / ASR (%)"] = pivot(
             cells, rows, col, lambda g: f"{_mean_std(g['acc_drop_vs_undefended'])} / {_mean_std(g['asr'])}")
     return tables

@@ -154,3 +154,15 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert {"acc", "asr", "ra", "acc_drop_vs_clean", "wall_seconds", "git_commit"} <= set(cells.columns)
     assert (out / "rounds.csv").is_file() and (out / "bars.png").is_file() and (out / "tables.md").is_file()
     assert write_report(out)  # regenerates without rerunning
+
+
+def test_documented_example_defense_runs_through_a_two_round_grid(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
+    spec = _spec(tiny_root, tmp_path, {"defense.name": ["none", "clip-example"]})
+    spec.base["fl"]["rounds"] = 2
+    out = tmp_path / "out"
+    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--plugin", "clip_defense"]) == 0
+    cells = pd.read_csv(out / "cells.csv")
+    assert (cells["status"] == "done").all() and len(cells) == 2
+    rounds = pd.read_csv(out / "rounds.csv")
+    assert rounds.groupby("defense.name")["round"].max().to_dict() == {"clip-example": 2, "none": 2}
