@@ -4,6 +4,18 @@ from fl_core.plugins import import_package_modules
 from fl_core.registry import Registry
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", "fmfl.defenses")
+WHEN = ("final", "every")  # model repair after the last round only, or after every round
+
+
+def check_when(when: str) -> str:
+    if when not in WHEN:
+        raise ValueError(f"when {when!r} unknown; valid: {', '.join(WHEN)}")
+    return when
+
+
+def acts_now(when: str, ctx) -> bool:
+    """Whether a ``when``-scheduled repair runs in this round."""
+    return when == "every" or ctx.round == ctx.rounds
 
 
 @DEFENSES.register("none")

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from defenses import DEFENSES, Defense
+from defenses import DEFENSES, Defense, acts_now, check_when
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -29,14 +29,13 @@ class CLP(Defense):
     def __init__(self, u: float = 3.0, when: str = "every"):
         if u <= 0:
             raise ValueError(f"u must be > 0, got {u}")
-        if when not in ("final", "every"):
-            raise ValueError(f"when {when!r} unknown; valid: final, every")
+        check_when(when)
         self.u, self.when = u, when
         self._pruned: dict[int, int] = {}
 
     @torch.no_grad()
     def after_round(self, global_model, prototype, ctx):
-        if self.when == "final" and ctx.round != ctx.rounds:
+        if not acts_now(self.when, ctx):
             return global_model
         pruned = 0
         for conv, bn in conv_bn_pairs(global_model):

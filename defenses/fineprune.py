@@ -1,5 +1,5 @@
 """Fine-pruning (Liu et al. 2018): prune dormant channels, then fine-tune, on the synthetic set."""
-from defenses import DEFENSES
+from defenses import DEFENSES, acts_now
 from defenses.finetune import finetune
 from defenses.pruning import DormantPruning
 
@@ -16,7 +16,7 @@ class FinePruning(DormantPruning):
         self.steps, self.lr = steps, lr
 
     def after_round(self, global_model, prototype, ctx):
-        if self.when == "final" and ctx.round != ctx.rounds:
+        if not acts_now(self.when, ctx):
             return global_model
         super().after_round(global_model, prototype, ctx)
         finetune(global_model, ctx, self.steps, self.lr, 64, "fineprune")

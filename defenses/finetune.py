@@ -1,5 +1,5 @@
 """Fine-tuning on the server's synthetic data (Liu et al. 2018 style repair)."""
-from defenses import DEFENSES, Defense
+from defenses import DEFENSES, Defense, acts_now, check_when
 from fl_core.config import OptimConfig
 from fl_core.data import batch_loader
 from fl_core.modules import SupervisedModule, fit
@@ -24,11 +24,10 @@ class FineTune(Defense):
     def __init__(self, steps: int = 100, lr: float = 0.01, batch_size: int = 64, when: str = "final"):
         if steps < 1 or lr <= 0 or batch_size < 1:
             raise ValueError("steps >= 1, lr > 0 and batch_size >= 1 are required")
-        if when not in ("final", "every"):
-            raise ValueError(f"when {when!r} unknown; valid: final, every")
+        check_when(when)
         self.steps, self.lr, self.batch_size, self.when = steps, lr, batch_size, when
 
     def after_round(self, global_model, prototype, ctx):
-        if self.when == "every" or ctx.round == ctx.rounds:
+        if acts_now(self.when, ctx):
             finetune(global_model, ctx, self.steps, self.lr, self.batch_size, "finetune")
         return global_model

@@ -19,6 +19,10 @@ class NormClipping(Defense):
     def bound(self, matrix):
         return matrix.norm(dim=1).median() if self.max_norm is None else self.max_norm
 
-    def aggregate(self, updates, global_model, ctx):
+    def clipped_mean(self, updates, global_model):
+        """Sample-weighted mean of the clipped update vectors."""
         matrix = deltas(updates, global_model)
-        return state_plus(global_model, weighted_mean(clip_rows(matrix, self.bound(matrix)), sample_weights(updates)))
+        return weighted_mean(clip_rows(matrix, self.bound(matrix)), sample_weights(updates))
+
+    def aggregate(self, updates, global_model, ctx):
+        return state_plus(global_model, self.clipped_mean(updates, global_model))

@@ -2,7 +2,7 @@
 with the server's synthetic data in place of client-reported activations (20 % rate, as [P1])."""
 import torch
 
-from defenses import DEFENSES, Defense
+from defenses import DEFENSES, Defense, acts_now, check_when
 from fl_core.activations import OutputTransforms, channel_means, sites_of
 
 
@@ -17,8 +17,7 @@ class DormantPruning(Defense):
     def __init__(self, rate: float = 0.2, site: str | None = None, when: str = "final"):
         if not 0 <= rate < 1:
             raise ValueError(f"rate must be in [0, 1), got {rate}")
-        if when not in ("final", "every"):
-            raise ValueError(f"when {when!r} unknown; valid: final, every")
+        check_when(when)
         self.rate, self.site, self.when = rate, site, when
         self._masks: dict[int, OutputTransforms] = {}
         self._pruned: dict[int, list[int]] = {}
@@ -35,7 +34,7 @@ class DormantPruning(Defense):
         return name, keep
 
     def after_round(self, global_model, prototype, ctx):
-        if self.when == "final" and ctx.round != ctx.rounds:
+        if not acts_now(self.when, ctx):
             return global_model
         masks = self._masks.setdefault(prototype, OutputTransforms())
         masks.remove()

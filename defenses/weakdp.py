@@ -4,7 +4,7 @@ import torch
 from defenses import DEFENSES
 from defenses.normclip import NormClipping
 from fl_core.seeding import torch_generator
-from fl_core.updates import clip_rows, deltas, parameter_mask, sample_weights, state_plus, weighted_mean
+from fl_core.updates import parameter_mask, state_plus
 
 
 @DEFENSES.register("weakdp")
@@ -19,7 +19,6 @@ class WeakDP(NormClipping):
         self.sigma = sigma
 
     def aggregate(self, updates, global_model, ctx):
-        matrix = deltas(updates, global_model)
-        mean = weighted_mean(clip_rows(matrix, self.bound(matrix)), sample_weights(updates))
+        mean = self.clipped_mean(updates, global_model)
         noise = torch.randn(mean.shape, generator=torch_generator(ctx.seed, "weakdp", ctx.round)).to(mean.device)
         return state_plus(global_model, mean + self.sigma * noise * parameter_mask(global_model).to(mean.device))

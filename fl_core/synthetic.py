@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,13 +70,7 @@ def heldout(req: SyntheticRequest) -> ImageData:
             raise ValueError(f"heldout synthetic set: class {k} has {len(pool)} public samples, needs {count}; "
                              "raise data.public_size or lower synthetic.size")
         chosen.append(rng.choice(pool, size=count, replace=False))
-    return req.public.subset(torch.from_numpy(numpy_concat(chosen)))
-
-
-def numpy_concat(parts):
-    import numpy as np
-
-    return np.sort(np.concatenate(parts)) if parts else np.array([], dtype=np.int64)
+    return req.public.subset(torch.from_numpy(np.sort(np.concatenate(chosen))))
 
 
 # ---------------------------------------------------------------- DDPM (trained here, offline)

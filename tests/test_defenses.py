@@ -182,3 +182,11 @@ def test_defenses_run_in_the_fl_loop(tiny_config, name):
 
     record = run_cell(tiny_config({"defense": {"name": name}, "fl": {"rounds": 1}}), log=lambda *_: None)
     assert record["defense"]["name"] == name and record["rounds"][-1]["defense_seconds"] >= 0
+
+
+@pytest.mark.parametrize("name", ["pruning", "clp", "finetune", "fineprune"])
+def test_repair_schedule_is_validated(name):
+    from fl_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="when 'sometimes' unknown; valid: final, every"):
+        load_config(None, [f"defense.name={name}", "defense.params={when: sometimes}"])
