@@ -73,6 +73,29 @@ def robust_z(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return (values - med) / (1.4826 * mad + 1e-6)
 
 
+def class_margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """logit of ``classes`` minus the largest other logit, per row."""
+    own = logits.gather(1, classes[:, None]).squeeze(1)
+    others = logits.scatter(1, classes[:, None], float("-inf")).amax(1)
+    return own - others
+
+
+def max_margin_inputs(model: nn.Module, probes: torch.Tensor, classes: torch.Tensor, steps: int,
+                      lr: float) -> torch.Tensor:
+    """Signed-gradient ascent of each probe image in [0, 1] towards the largest margin of its class.
+
+    A backdoored class reaches an abnormally large margin from almost any start (the MM-BD signature,
+    Wang et al. 2024); only the probes change, never the model or its bounds.
+    """
+    x = probes.detach().clone()
+    with torch.enable_grad():
+        for _ in range(steps):
+            x.requires_grad_(True)
+            grad, = torch.autograd.grad(class_margins(model(x), classes).sum(), x)
+            x = (x.detach() + lr * grad.sign()).clamp_(0, 1)
+    return x
+
+
 def abnormal_samples(model: nn.Module, images: torch.Tensor, sites: list[str], z: float,
                      granularity: str = "channel") -> torch.Tensor:
     """Flag samples whose activations are abnormal (robust statistics, no labels needed).
@@ -111,6 +134,11 @@ class ActivationBounds(Defense):
       filter ["none"] or "activation": exclude synthetic samples with abnormal peak activations
         (robust z > filter_z [3.5]; per channel peak, or filter_unit "element": per channel and position)
         from the preservation term, and from fusion if filter_fusion [True].
+      margin_weight [0]: MMAC-style data-free backdoor-signature term (Wang et al. 2024): per class,
+        margin_probes [2] inputs start from seeded noise and climb margin_steps [3] signed-gradient steps
+        (step margin_lr [0.02]) per bound update towards the class's largest margin under the current
+        bounds; the bounds are then also pushed to shrink the mean of those margins (relative to their
+        value at the start of the fit, so the weight is scale-free).
       during_fusion [False]: bounds active on the student while the server distils.
       broadcast [False]: bounds stay active in the model sent to clients.
     """
@@ -122,7 +150,8 @@ class ActivationBounds(Defense):
                  init_value: float = 10.0, objective: str = "kl", target_agreement: float = 0.95,
                  steps: int = 150, refine_steps: int = 30, lr: float = 0.05, batch_size: int = 128,
                  trim: float = 0.25, filter: str = "none", filter_z: float = 3.5, filter_unit: str = "channel",
-                 filter_fusion: bool = True,
+                 filter_fusion: bool = True, margin_weight: float = 0.0, margin_probes: int = 2,
+                 margin_steps: int = 3, margin_lr: float = 0.02,
                  during_fusion: bool = False, broadcast: bool = False):
         checks = [(shape in SHAPES, f"shape {shape!r} unknown; valid: {', '.join(SHAPES)}"),
                   (init in INITS, f"init {init!r} unknown; valid: {', '.join(INITS)}"),
@@ -134,6 +163,8 @@ class ActivationBounds(Defense):
                   (0 <= trim < 1, "trim must be in [0, 1)"),
                   (steps >= 1 and refine_steps >= 0, "steps >= 1 and refine_steps >= 0 are required"),
                   (lr > 0 and batch_size >= 1 and element_sites >= 0, "lr > 0, batch_size >= 1, element_sites >= 0"),
+                  (margin_weight >= 0 and margin_probes >= 1 and margin_steps >= 1 and margin_lr > 0,
+                   "margin_weight >= 0, margin_probes >= 1, margin_steps >= 1 and margin_lr > 0 are required"),
                   (sites == "all" or isinstance(sites, list), "sites must be 'all' or a list of site names")]
         for ok, why in checks:
             if not ok:
@@ -143,6 +174,8 @@ class ActivationBounds(Defense):
         self.objective, self.target_agreement = objective, target_agreement
         self.steps, self.refine_steps, self.lr, self.batch_size, self.trim = steps, refine_steps, lr, batch_size, trim
         self.filter, self.filter_z, self.filter_unit, self.filter_fusion = filter, filter_z, filter_unit, filter_fusion
+        self.margin_weight, self.margin_probes, self.margin_steps, self.margin_lr = (
+            margin_weight, margin_probes, margin_steps, margin_lr)
         self.during_fusion, self.broadcast = during_fusion, broadcast
         self._states: dict[int, BoundState] = {}
         self._flagged: dict[int, torch.Tensor] = {}
@@ -221,6 +254,12 @@ class ActivationBounds(Defense):
         gen = torch_generator(key[0], "actbound", *key[1:])
         state.enabled = True
         feasible = {s: t.detach().clone() for s, t in state.theta.items()}  # last bounds that met the target
+        if self.margin_weight > 0:
+            classes = torch.arange(reference.shape[1], device=device).repeat_interleave(self.margin_probes)
+            probes = max_margin_inputs(model, torch.rand((len(classes), *images.shape[1:]), generator=gen).to(device),
+                                       classes, 10 * self.margin_steps, self.margin_lr)
+            with torch.no_grad():
+                start_margin = class_margins(model(probes), classes).mean().clamp_min(1e-3)
         for _ in range(steps):
             idx = torch.randint(0, len(images), (min(self.batch_size, len(images)),), generator=gen)
             x, ref = to_float(images[idx.to(images.device)].to(device)), reference[idx.to(device)]
@@ -237,6 +276,10 @@ class ActivationBounds(Defense):
                 keep[per_sample.topk(k, largest=False).indices] = True
             penalty = torch.stack([state.theta[s].exp().mean() for s in state.theta]).mean()
             loss = per_sample[keep].mean() + state.lam * penalty
+            if self.margin_weight > 0:
+                probes = max_margin_inputs(model, probes, classes, self.margin_steps, self.margin_lr)
+                margin = class_margins(model(probes), classes).mean()
+                loss = loss + self.margin_weight * margin / start_margin
             with torch.no_grad():  # the outputs above were produced by the current bounds
                 agree = (out.argmax(-1) == ref.argmax(-1))[keep].float().mean()
                 if agree >= self.target_agreement:

@@ -149,3 +149,28 @@ def test_robust_init_ignores_a_triggered_minority():
     quantile = DEFENSES.get("actbound")().initial_bounds(model, images)[0]["net.1"]
     assert robust[3] < 0.01 < quantile[3]  # the trigger channel: silent for the clean majority
     assert (robust[:3] > 0.5).all()  # colour channels keep their clean range
+
+
+def test_class_margins_and_the_margin_term_suppress_the_backdoor_signature():
+    from defenses.actbound import class_margins, max_margin_inputs
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
+    assert torch.allclose(class_margins(logits, torch.tensor([0, 0])), torch.tensor([1.0, -5.0]))
+
+    def reachable_target_margin(model):
+        probes = torch.rand((8, 3, 8, 8), generator=torch.Generator().manual_seed(3))
+        classes = torch.zeros(8, dtype=torch.long)
+        climbed = max_margin_inputs(model, probes, classes, 30, 0.05)
+        assert climbed.min() >= 0 and climbed.max() <= 1
+        with torch.no_grad():
+            return (float(class_margins(model(probes), classes).mean()),
+                    float(class_margins(model(climbed), classes).mean()))
+
+    model = toy_backdoored_model()
+    reference = copy.deepcopy(model)
+    start, before = reachable_target_margin(model)
+    assert before > 40 > start  # noise climbs to a large class-0 margin through the planted neuron
+    defense = DEFENSES.get("actbound")(steps=100, lr=0.1, trim=0.0, margin_weight=1.0)
+    defense.after_round(model, 0, _ctx(toy_data()))
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    assert reachable_target_margin(model)[1] < 0.1 * before
+    assert defense._log[-1]["agreement"] >= 0.95 and _asr(model) < 0.1
