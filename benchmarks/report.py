@@ -106,7 +106,7 @@ def pivot(cells: pd.DataFrame, rows: list[str], column: str, fmt) -> pd.DataFram
     if not rows:
         done = done.assign(_all="all")
     out = done.groupby(keys + [column], sort=False).apply(fmt, include_groups=False).unstack(column)
-    return out.reset_index()
+    return out.fillna("-").reset_index()  # "-": no cell ran for that combination
 
 
 def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame]:
