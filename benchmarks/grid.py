@@ -320,9 +320,13 @@ RUNNERS = {"local": _run_local, "process": _run_process, "ray": _run_ray}
 
 def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], overrides: tuple[str, ...],
                    command: str) -> None:
-    """``grid.json``: the grid's axes and every cell's key, labels and config (read by the report)."""
+    """``grid.json``: the grid's axes, every cell's key, labels and config (read by the report), and each
+    distinct command that wrote to this folder (earlier ``--only`` subsets stay in the report)."""
     path = out / "grid.json"
-    previous = json.loads(path.read_text())["cells"] if path.is_file() else []
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    previous = manifest.get("cells", [])
+    commands = [c for c in manifest.get("commands", [manifest["command"]] if "command" in manifest else [])
+                if c != command] + [command]
     current = {json.dumps(c.labels, sort_keys=True) for c in cells}
     # keep earlier cells (e.g. other --only subsets) unless a current cell with the same labels replaces them
     entries = {c["key"]: c for c in previous if json.dumps(c["labels"], sort_keys=True) not in current}
@@ -330,7 +334,7 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
         entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
     _write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
                        "axes": list(spec.axes), "overrides": list(overrides), "command": command,
-                       "cells": list(entries.values())})
+                       "commands": commands, "cells": list(entries.values())})
 
 
 def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int = 1, plugins: tuple[str, ...] = (),

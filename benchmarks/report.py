@@ -198,7 +198,7 @@ def write_report(out: str | Path) -> list[Path]:
     cells.astype({c: str for c in cells.columns if cells[c].dtype == object}).to_parquet(written[2], index=False)
     status = cells["status"].value_counts().to_dict()
     md = [f"# Grid `{grid['grid']}` at scale `{grid['scale']}`", "",
-          grid.get("description", "").strip(), "", f"Command: `{grid.get('command', '')}`", "",
+          grid.get("description", "").strip(), "", *command_lines(grid), "",
           f"Cells: {status}. Mean ± std over {cells['seed'].nunique() if 'seed' in cells else 1} seed(s).", ""]
     tex = []
     tables = {"Summary": summary_table(cells, axes), **paper_tables(cells, axes)}
@@ -218,6 +218,15 @@ def write_report(out: str | Path) -> list[Path]:
     written += [out / "tables.md", out / "tables.tex"]
     written += _plots(cells, rounds, axes, out)
     return written
+
+
+def command_lines(grid: dict) -> list[str]:
+    """The command(s) that produced a grid folder, for the report's header."""
+    commands = grid.get("commands") or [grid.get("command", "")]
+    if len(commands) == 1:
+        return [f"Command: `{commands[0]}`"]
+    return ["Commands (each ran the cells its filters select; together they produced this folder):",
+            *[f"- `{c}`" for c in commands]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,3 +166,17 @@ def test_documented_example_defense_runs_through_a_two_round_grid(tiny_root, tmp
     assert (cells["status"] == "done").all() and len(cells) == 2
     rounds = pd.read_csv(out / "rounds.csv")
     assert rounds.groupby("defense.name")["round"].max().to_dict() == {"clip-example": 2, "none": 2}
+
+
+def test_only_subsets_accumulate_in_one_folder_with_their_commands(tiny_root, tmp_path):
+    spec = _spec(tiny_root, tmp_path, {"attack.name": ["none", "fm"]})
+    path, out = _write(tmp_path, spec), tmp_path / "out"
+    for name in ("none", "fm", "none"):  # the repeated command is listed once
+        assert main(["--config", str(path), "--out", str(out), "--only", f"attack.name={name}", "--no-report"]) == 0
+    manifest = json.loads((out / "grid.json").read_text())
+    assert sorted(c["labels"]["attack.name"] for c in manifest["cells"]) == ["fm", "none"]
+    assert [c.split("--only ")[-1].split()[0] for c in manifest["commands"]] == ["attack.name=fm", "attack.name=none"]
+    write_report(out)
+    tables = (out / "tables.md").read_text()
+    assert "Commands (" in tables and tables.count("attack.name=") >= 2
+    assert len(pd.read_csv(out / "cells.csv")) == 2
