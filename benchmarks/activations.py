@@ -15,7 +15,7 @@ import torch
 
 from attacks import make_trigger
 from defenses.actbound import BoundState, attach_clamps
-from fl_core.activations import site_outputs
+from fl_core.activations import channel_peaks, site_outputs
 from fl_core.config import CellConfig, from_dict
 from fl_core.data import load_dataset
 from fl_core.metrics import backdoor_test_set
@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     clean = ds.test.images[(ds.test.labels != cfg.backdoor.target)][:n]
     triggered = trig.images[:n]
     sites = list(model.activation_sites())
-    peak = lambda o: o.flatten(2).amax(-1) if o.dim() > 2 else o  # noqa: E731 - per-channel spatial max
 
     def outputs():
-        return {kind: site_outputs(model, images, sites, peak) for kind, images in
+        return {kind: site_outputs(model, images, sites, channel_peaks) for kind, images in
                 (("clean", clean), ("triggered", triggered))}
 
     before = outputs()

@@ -28,12 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from attacks import ATTACKS, make_trigger
     from attacks.poisoning import poison_indices
     from defenses.actbound import abnormal_samples, robust_z
-    from fl_core.activations import site_outputs
-    from fl_core.data import batch_loader
-    from fl_core.fl import prepare
-    from fl_core.models import build_model
-    from fl_core.modules import SupervisedModule, fit
-    from fl_core.seeding import derive_seed
+    from fl_core.activations import channel_peaks, site_outputs
+    from fl_core.fl import initial_models, prepare, pretrain
     from fl_core.synthetic import synthetic_set
 
     L.seed_everything(cfg.seed, verbose=False)
@@ -44,12 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     poisoned = attack.poison_synthetic(synthetic, "pretrain", cfg.seed)
     truth = torch.zeros(len(synthetic), dtype=torch.bool)
     truth[poison_indices(synthetic.labels, cfg.backdoor, attack.poison_rate, cfg.seed, "fm")] = True
-    torch.manual_seed(derive_seed(cfg.seed, "init", 0))
-    ds = setup.dataset
-    model = build_model(cfg.model.specs()[0], ds.image_shape[0], ds.num_classes, ds.mean, ds.std)
-    loader = batch_loader(poisoned.images, poisoned.labels, cfg.pretrain.optim.batch_size, derive_seed(cfg.seed, "pre", 0))
-    fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(cfg.seed, "pre-aug", 0)), loader,
-        setup.accelerator, max_epochs=cfg.pretrain.epochs)
+    model = initial_models(cfg, setup)[0]
+    pretrain([model], poisoned.to(setup.device), cfg, setup.accelerator)
     sites = list(model.activation_sites())
     print(f"{int(truth.sum())} of {len(truth)} synthetic samples poisoned; model pre-trained on them")
     print("| unit, threshold z | flagged | recall | false-positive rate |\n|---|---|---|---|")
@@ -58,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             flagged = abnormal_samples(model, poisoned.images, sites, z, unit)
             print(f"| {unit} {z} | {int(flagged.sum())} | {flagged[truth].float().mean():.3f} | "
                   f"{flagged[~truth].float().mean():.3f} |")
-    peaks = site_outputs(model, poisoned.images, sites, lambda o: o.flatten(2).amax(-1))
+    peaks = site_outputs(model, poisoned.images, sites, channel_peaks)
     print("\n| site | median score, clean | median score, poisoned |\n|---|---|---|")
     for site in sites:
         score = robust_z(peaks[site]).amax(1)

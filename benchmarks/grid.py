@@ -318,6 +318,12 @@ def _run_ray(todo, out, plugins, jobs, on_done, address=None, cpus_per_cell=1.0,
 RUNNERS = {"local": _run_local, "process": _run_process, "ray": _run_ray}
 
 
+def recorded_commands(manifest: dict) -> list[str]:
+    """Every command that wrote to a grid folder, oldest first (folders written before the list was kept
+    hold one ``command``)."""
+    return manifest.get("commands") or ([manifest["command"]] if "command" in manifest else [])
+
+
 def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], overrides: tuple[str, ...],
                    command: str) -> None:
     """``grid.json``: the grid's axes, every cell's key, labels and config (read by the report), and each
@@ -325,16 +331,14 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
     path = out / "grid.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     previous = manifest.get("cells", [])
-    commands = [c for c in manifest.get("commands", [manifest["command"]] if "command" in manifest else [])
-                if c != command] + [command]
+    commands = [c for c in recorded_commands(manifest) if c != command] + [command]
     current = {json.dumps(c.labels, sort_keys=True) for c in cells}
     # keep earlier cells (e.g. other --only subsets) unless a current cell with the same labels replaces them
     entries = {c["key"]: c for c in previous if json.dumps(c["labels"], sort_keys=True) not in current}
     for cell in cells:
         entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
     _write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
-                       "axes": list(spec.axes), "overrides": list(overrides), "command": command,
-                       "commands": commands, "cells": list(entries.values())})
+                       "axes": list(spec.axes), "overrides": list(overrides), "commands": commands, "cells": list(entries.values())})
 
 
 def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int = 1, plugins: tuple[str, ...] = (),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.grid import recorded_commands
 from fl_core.config import CellConfig, from_dict
 
 METRICS = ("acc", "asr", "ra")
@@ -222,7 +223,7 @@ def write_report(out: str | Path) -> list[Path]:
 
 def command_lines(grid: dict) -> list[str]:
     """The command(s) that produced a grid folder, for the report's header."""
-    commands = grid.get("commands") or [grid.get("command", "")]
+    commands = recorded_commands(grid) or [""]
     if len(commands) == 1:
         return [f"Command: `{commands[0]}`"]
     return ["Commands (each ran the cells its filters select; together they produced this folder):",

@@ -8,6 +8,7 @@ WHEN = ("final", "every")  # model repair after the last round only, or after ev
 
 
 def check_when(when: str) -> str:
+    """``when`` itself, or a ValueError listing the valid schedules."""
     if when not in WHEN:
         raise ValueError(f"when {when!r} unknown; valid: {', '.join(WHEN)}")
     return when

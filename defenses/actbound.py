@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses import DEFENSES, Defense
-from fl_core.activations import site_outputs, sites_of
+from fl_core.activations import channel_peaks, site_outputs, sites_of
 from fl_core.data import ImageData, to_float
 from fl_core.seeding import torch_generator
 
@@ -66,10 +66,15 @@ def attach_clamps(state: BoundState) -> None:
         state.handles.append(module.register_forward_hook(hook))
 
 
+def median_and_mad(values: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and median absolute deviation along ``dim`` (dimension kept)."""
+    med = values.median(dim=dim, keepdim=True).values
+    return med, (values - med).abs().median(dim=dim, keepdim=True).values
+
+
 def robust_z(values: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """(x - median) / (1.4826 * MAD) along ``dim``."""
-    med = values.median(dim=dim, keepdim=True).values
-    mad = (values - med).abs().median(dim=dim, keepdim=True).values
+    med, mad = median_and_mad(values, dim)
     return (values - med) / (1.4826 * mad + 1e-6)
 
 
@@ -105,10 +110,7 @@ def abnormal_samples(model: nn.Module, images: torch.Tensor, sites: list[str], z
     largest z over sites and units; samples whose score is a robust outlier among all scores
     (modified z > ``z``) are flagged.
     """
-    if granularity == "element":
-        reduce = lambda o: o.flatten(1)  # noqa: E731
-    else:
-        reduce = lambda o: o.flatten(2).amax(-1) if o.dim() > 2 else o  # noqa: E731
+    reduce = (lambda o: o.flatten(1)) if granularity == "element" else channel_peaks
     units = site_outputs(model, images, sites, reduce)
     score = torch.stack([robust_z(u).amax(1) for u in units.values()]).amax(0)
     return robust_z(score) > z
@@ -135,7 +137,8 @@ class ActivationBounds(Defense):
         (robust z > filter_z [3.5]; per channel peak, or filter_unit "element": per channel and position)
         from the preservation term, and from fusion if filter_fusion [True].
       margin_weight [0]: MMAC-style data-free backdoor-signature term (Wang et al. 2024): per class,
-        margin_probes [2] inputs start from seeded noise and climb margin_steps [3] signed-gradient steps
+        margin_probes [2] inputs start from seeded noise, climb 10 x margin_steps signed-gradient steps
+        before the first bound update (their margin there is the reference), then margin_steps [3] steps
         (step margin_lr [0.02]) per bound update towards the class's largest margin under the current
         bounds; the bounds are then also pushed to shrink the mean of those margins (relative to their
         value at the start of the fit, so the weight is scale-free).
@@ -209,9 +212,8 @@ class ActivationBounds(Defense):
             elif self.init == "robust":
                 # median + k * MAD of each channel's per-sample spatial peak: a minority of triggered
                 # samples with abnormal peaks cannot move it (unlike a quantile or mean + k std)
-                peaks = acts.flatten(2).amax(-1) if acts.dim() > 2 else acts
-                med = peaks.median(0).values
-                upper = med + self.init_k * 1.4826 * (peaks - med).abs().median(0).values
+                med, mad = median_and_mad(channel_peaks(acts))
+                upper = (med + self.init_k * 1.4826 * mad).squeeze(0)
                 if per_element:
                     upper = upper.view(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
             else:

@@ -36,6 +36,11 @@ def site_outputs(model: nn.Module, images: torch.Tensor, sites: list[str],
     return {s: torch.cat(v) for s, v in got.items()}
 
 
+def channel_peaks(output: torch.Tensor) -> torch.Tensor:
+    """Each sample's largest activation per channel: (B, C, ...) -> (B, C); (B, C) passes through."""
+    return output.flatten(2).amax(-1) if output.dim() > 2 else output
+
+
 def channel_means(model: nn.Module, images: torch.Tensor, sites: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Mean activation per channel (C,) of each site over ``images`` and positions."""
     names = list(sites_of(model)) if sites is None else sites

@@ -150,6 +150,27 @@ class _Timer:
             self.seconds += time.perf_counter() - start
 
 
+def initial_models(cfg: CellConfig, setup: Setup) -> list[nn.Module]:
+    """One freshly initialised global model per prototype, each seeded from the config, on the device."""
+    ds = setup.dataset
+    models = []
+    for p, spec in enumerate(cfg.model.specs()):
+        torch.manual_seed(derive_seed(cfg.seed, "init", p))
+        models.append(build_model(spec, ds.image_shape[0], ds.num_classes, ds.mean, ds.std).to(setup.device))
+    return models
+
+
+def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, accelerator: str) -> None:
+    """Pre-train every global model on the (possibly poisoned) synthetic set, if the config asks for it."""
+    if not (cfg.pretrain.enabled and cfg.pretrain.epochs > 0):
+        return
+    for p, model in enumerate(models):
+        loader = batch_loader(data.images, data.labels, cfg.pretrain.optim.batch_size, derive_seed(cfg.seed, "pre", p))
+        fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(cfg.seed, "pre-aug", p)),
+            loader, accelerator, max_epochs=cfg.pretrain.epochs)
+        _check_finite(model, "pre-training")
+
+
 def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=print) -> dict:
     """Run one experiment cell; writes ``record.json`` and ``models/`` under ``out_dir`` if given."""
     import attacks
@@ -175,13 +196,9 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
     clients = [attack.poison_client_data(i, d, seed) if i in malicious else d for i, d in enumerate(setup.clients)]
     proto_of = [i % n_protos for i in range(n_clients)]
     proto_clients = [proto_of.count(p) for p in range(n_protos)]
-    channels = setup.dataset.image_shape[0]
     k = setup.dataset.num_classes
 
-    models = []
-    for p, spec in enumerate(specs):
-        torch.manual_seed(derive_seed(seed, "init", p))
-        models.append(build_model(spec, channels, k, setup.dataset.mean, setup.dataset.std).to(device))
+    models = initial_models(cfg, setup)
 
     backdoor_set = backdoor_test_set(setup.test, cfg.backdoor, trigger, seed)
     rounds: list[dict] = []
@@ -199,13 +216,7 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         return row
 
     t0 = time.perf_counter()
-    if cfg.pretrain.enabled and cfg.pretrain.epochs > 0:
-        data = syn["pretrain"]
-        for p, model in enumerate(models):
-            loader = batch_loader(data.images, data.labels, cfg.pretrain.optim.batch_size, derive_seed(seed, "pre", p))
-            fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(seed, "pre-aug", p)),
-                loader, acc, max_epochs=cfg.pretrain.epochs)
-            _check_finite(model, "pre-training")
+    pretrain(models, syn["pretrain"], cfg, acc)
     pre = record_round(0, time.perf_counter() - t0, 0.0)
     log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
 

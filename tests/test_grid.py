@@ -131,6 +131,7 @@ def test_report_tables_from_fixture_rows():
             ("fm", "none", 0, 69, 90, 0), ("fm", "none", 1, 71, 94, 0),
             ("fm", "krum", 0, 60, 80, 9), ("fm", "krum", 1, 62, 84, 9),
             ("none", "krum", 0, 65, 5, 5), ("none", "krum", 1, 67, 7, 5),
+            ("fm", "multikrum", 0, 61, 81, 8),  # run against one attack only
         ]])
     summary = summary_table(cells, ["attack", "defense", "seed"])
     row = summary[(summary["attack"] == "fm") & (summary["defense"] == "none")].iloc[0]
@@ -140,6 +141,7 @@ def test_report_tables_from_fixture_rows():
     assert attack_table.iloc[0]["fm"] == "70.00 ± 1.41 / 92.00 ± 2.83"
     defense_table = next(t for name, t in tables.items() if name.startswith("Defense")).set_index("defense")
     assert defense_table.loc["krum", "fm"] == "9.00 ± 0.00 / 82.00 ± 2.83"
+    assert defense_table.loc["multikrum", "none"] == "-"  # no cell ran: a dash, not nan
 
 
 def test_smoke_preset_end_to_end(tmp_path):
