@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help=f"grid preset (default: default); one of: {', '.join(presets())}")
     parser.add_argument("--config", help="a grid YAML file instead of a preset")
-    parser.add_argument("--scale", default="cpu", help="scale of the grid: cpu (default) or paper")
+    parser.add_argument("--scale", default="cpu", help="a scale the grid file names (default: cpu; most grids also have paper)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a cell config value in every cell (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
