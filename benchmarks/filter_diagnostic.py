@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     L.seed_everything(cfg.seed, verbose=False)
     setup = prepare(cfg)
-    synthetic, _ = synthetic_set(setup.synthetic_request())
+    request = setup.synthetic_request()
+    synthetic, _ = synthetic_set(request)
     attack = ATTACKS.get(cfg.attack.name)(**cfg.attack.params)
-    attack.bind(cfg.backdoor, make_trigger(cfg.backdoor.trigger))
+    attack.bind(cfg.backdoor, make_trigger(cfg.backdoor.trigger), fm=request)
     poisoned = attack.poison_synthetic(synthetic, "pretrain", cfg.seed)
     truth = torch.zeros(len(synthetic), dtype=torch.bool)
     truth[poison_indices(synthetic.labels, cfg.backdoor, attack.poison_rate, cfg.seed, "fm")] = True

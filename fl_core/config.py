@@ -407,5 +407,8 @@ def validate(cfg: CellConfig) -> CellConfig:
             raise ConfigError(f"{key}.params: {err}") from err
         # every parameter explicit (defaults filled in), so equal cells hash equally
         plugin.params = {k: v for k, v in describe(instance).items() if k != "name"}
+        needs = getattr(instance, "requires_provider", None)
+        _check(needs is None or s.provider == needs, "synthetic.provider",
+               f"{key} {plugin.name!r} queries the FM itself and needs provider {needs!r}, got {s.provider!r}")
     _check(cfg.runtime.threads is None or cfg.runtime.threads >= 1, "runtime.threads", "must be >= 1")
     return cfg

@@ -189,8 +189,9 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         raise NotImplementedError(f"defense {cfg.defense.name!r} compares parameters across clients and "
                                   "cannot apply to heterogeneous prototypes")
 
-    attack.bind(cfg.backdoor, trigger)
-    synthetic, manifest = synthetic_set(setup.synthetic_request())
+    request = setup.synthetic_request()
+    attack.bind(cfg.backdoor, trigger, fm=request)
+    synthetic, manifest = synthetic_set(request)
     syn = {stage: attack.poison_synthetic(synthetic, stage, seed).to(device) for stage in ("pretrain", "fusion")}
     malicious = sorted(set(attack.malicious_clients(n_clients, seed)))
     clients = [attack.poison_client_data(i, d, seed) if i in malicious else d for i, d in enumerate(setup.clients)]

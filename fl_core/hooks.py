@@ -68,15 +68,19 @@ class Attack:
     """Base class of attacks. ``malicious_clients`` picks who is compromised (none by default).
 
     Before use, the FL loop calls ``bind`` with the cell's backdoor spec and trigger, which every
-    attack shares with the ASR test set.
+    attack shares with the ASR test set, and with the request the server sends the FM (an attack that
+    compromises the FM itself may query it). ``requires_provider`` names the only synthetic provider
+    such an attack works with; the config check enforces it.
     """
 
     name: ClassVar[str] = "none"
+    requires_provider: ClassVar[str | None] = None
     backdoor = None  # BackdoorConfig, set by bind()
     trigger = None  # trigger object, set by bind()
+    fm = None  # SyntheticRequest, set by bind()
 
-    def bind(self, backdoor, trigger) -> None:
-        self.backdoor, self.trigger = backdoor, trigger
+    def bind(self, backdoor, trigger, fm=None) -> None:
+        self.backdoor, self.trigger, self.fm = backdoor, trigger, fm
 
     def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
         return []
@@ -140,6 +144,6 @@ class Defense:
 def describe(plugin) -> dict:
     """A plugin's registered name and its public, JSON-friendly parameters."""
     params = {k: v for k, v in vars(plugin).items()
-              if not k.startswith("_") and k not in ("backdoor", "trigger")
+              if not k.startswith("_") and k not in ("backdoor", "trigger", "fm")
               and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
     return {"name": plugin.name, **params}

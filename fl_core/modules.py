@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
 warnings.filterwarnings("ignore", ".*isn't using any accelerator|GPU available but not used.*")
 warnings.filterwarnings("ignore", ".*treespec.*")
+warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")  # frozen fusion teachers, by design
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:

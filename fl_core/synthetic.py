@@ -192,25 +192,37 @@ def class_prompts(cfg: SyntheticConfig, classes: list[str]) -> list[str]:
     return [d.class_prompts.get(name, d.prompt_template.format(label=name.replace("_", " "))) for name in classes]
 
 
-@PROVIDERS.register("diffusers")
-def diffusers_pipeline(req: SyntheticRequest) -> ImageData:
-    """Class-balanced images of a text-to-image pipeline, resized to the dataset resolution."""
+def load_pipeline(req: SyntheticRequest):
+    """The configured text-to-image diffusers pipeline, on the request's device."""
     from diffusers import DiffusionPipeline
 
     d = req.cfg.diffusers
     pipe = DiffusionPipeline.from_pretrained(d.pipeline, torch_dtype=getattr(torch, d.dtype)).to(req.device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, req: SyntheticRequest, prompts: list[str], seed: int) -> torch.Tensor:
+    """One batch of images, one per prompt, as uint8 at the dataset's resolution; seeded by ``seed``."""
+    d = req.cfg.diffusers
+    channels, h, w = req.dataset.image_shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = pipe(prompt=prompts, num_inference_steps=d.steps, guidance_scale=d.guidance_scale,
+               generator=gen, output_type="pt").images
+    return to_uint8(torch.as_tensor(out), (h, w), channels)
+
+
+@PROVIDERS.register("diffusers")
+def diffusers_pipeline(req: SyntheticRequest) -> ImageData:
+    """Class-balanced images of a text-to-image pipeline, resized to the dataset resolution."""
+    pipe = load_pipeline(req)
     classes = req.dataset.train.classes
     prompts = class_prompts(req.cfg, classes)
-    channels, h, w = req.dataset.image_shape
     images, labels = [], []
     for k, count in enumerate(balanced_counts(req.cfg.size, len(classes))):
-        for start in range(0, count, d.batch_size):
-            n = min(d.batch_size, count - start)
-            gen = torch.Generator(device="cpu").manual_seed(derive_seed(req.seed, "diffusers", k, start))
-            out = pipe(prompt=[prompts[k]] * n, num_inference_steps=d.steps, guidance_scale=d.guidance_scale,
-                       generator=gen, output_type="pt").images
-            images.append(to_uint8(torch.as_tensor(out), (h, w), channels))
+        for start in range(0, count, req.cfg.diffusers.batch_size):
+            n = min(req.cfg.diffusers.batch_size, count - start)
+            images.append(render(pipe, req, [prompts[k]] * n, derive_seed(req.seed, "diffusers", k, start)))
             labels.append(torch.full((n,), k))
     return ImageData(torch.cat(images), torch.cat(labels), classes)
 
@@ -230,16 +242,22 @@ def request_key(req: SyntheticRequest) -> str:
 
 def synthetic_set(req: SyntheticRequest) -> tuple[ImageData, dict]:
     """The provider's output, from ``<cache>/synthetic/<key>/`` when present; returns (data, manifest)."""
-    folder = req.cache_dir / "synthetic" / request_key(req)
+    settings = {"provider": req.cfg.provider, "settings": dataclasses.asdict(req.cfg), "dataset": req.dataset.name,
+                "seed": req.seed}
+    return cached_images(req.cache_dir / "synthetic" / request_key(req), req.dataset.train.classes,
+                         lambda: PROVIDERS.get(req.cfg.provider)(req), settings)
+
+
+def cached_images(folder: Path, classes: list[str], make: Callable[[], ImageData],
+                  settings: dict) -> tuple[ImageData, dict]:
+    """``make()``'s images and labels, saved under ``folder`` with a manifest (``settings`` plus size and
+    content hash) the first time and loaded from there afterwards; returns (data, manifest)."""
     data_file, manifest_file = folder / "data.pt", folder / "manifest.json"
     if data_file.is_file() and manifest_file.is_file():
         blob = torch.load(data_file, weights_only=True)
-        return ImageData(blob["images"], blob["labels"], req.dataset.train.classes), json.loads(manifest_file.read_text())
-    data = PROVIDERS.get(req.cfg.provider)(req)
-    manifest = {
-        "provider": req.cfg.provider, "settings": dataclasses.asdict(req.cfg), "dataset": req.dataset.name,
-        "seed": req.seed, "size": len(data), "content_sha256": content_hash(data), "created": time.time(),
-    }
+        return ImageData(blob["images"], blob["labels"], classes), json.loads(manifest_file.read_text())
+    data = make()
+    manifest = {**settings, "size": len(data), "content_sha256": content_hash(data), "created": time.time()}
     folder.mkdir(parents=True, exist_ok=True)  # data first, manifest last: a manifest means complete
     tmp = data_file.with_suffix(f".tmp{os.getpid()}")
     torch.save({"images": data.images.cpu(), "labels": data.labels.cpu()}, tmp)

@@ -6,10 +6,12 @@ from attacks import ATTACKS
 from attacks.dba import split_trigger
 from attacks.poisoning import poison_data, poison_indices
 from attacks.triggers import BlendTrigger, ObjectTrigger, PatchTrigger, WarpTrigger, changed_mask
-from fl_core.config import BackdoorConfig, ConfigError, load_config
-from fl_core.data import ImageData
+from fl_core.config import BackdoorConfig, ConfigError, DiffusersConfig, SyntheticConfig, load_config
+from fl_core.data import ImageData, load_dataset
 from fl_core.fl import run_cell
 from fl_core.hooks import ClientUpdate, ServerContext
+from fl_core.synthetic import SyntheticRequest, synthetic_set
+from conftest import TINY_CLASSES
 
 BD = BackdoorConfig(target=0)
 
@@ -138,6 +140,10 @@ def test_bad_attack_params_are_config_errors():
         load_config(None, ["attack.name=fm", "attack.params={stages: never}"])
     with pytest.raises(ConfigError, match="unexpected keyword"):
         load_config(None, ["attack.name=badnets", "attack.params={boost: 3}"])
+    with pytest.raises(ConfigError, match="synthetic.provider: attack 'fm-prompt' .* needs provider 'diffusers'"):
+        load_config(None, ["attack.name=fm-prompt"])
+    with pytest.raises(ConfigError, match="trigger_phrase must name"):
+        load_config(None, ["attack.name=fm-prompt", "attack.params={trigger_phrase: ' '}"])
 
 
 def test_fm_attack_end_to_end_leaves_clients_clean_and_records_params(tiny_config):
@@ -147,3 +153,52 @@ def test_fm_attack_end_to_end_leaves_clients_clean_and_records_params(tiny_confi
     classic = run_cell(tiny_config({"attack": {"name": "badnets"}}), log=lambda *_: None)
     assert len(classic["malicious_clients"]) == 1
     assert classic["rounds"][-1]["malicious_selected"] == classic["malicious_clients"]
+
+
+def _prompt_attack(tiny_root, tiny_pipeline, cache, **params):
+    """An ``fm-prompt`` attack bound to the tiny text-to-image FM, and that FM's clean synthetic set."""
+    ds = load_dataset("tiny", tiny_root, cache)
+    cfg = SyntheticConfig(provider="diffusers", size=8, diffusers=DiffusersConfig(
+        pipeline=str(tiny_pipeline), steps=2, guidance_scale=1.0, batch_size=2))
+    req = SyntheticRequest(cfg, ds, ds.train.subset(torch.arange(0, 160, 2)), seed=0, cache_dir=cache,
+                           device=torch.device("cpu"))
+    attack = ATTACKS.get("fm-prompt")(**params)
+    attack.bind(BD, PatchTrigger(size=2), fm=req)
+    return attack, synthetic_set(req)[0]
+
+
+def test_fm_prompt_renders_the_trigger_phrase_into_the_poisoned_samples(tiny_root, tiny_pipeline, tmp_path,
+                                                                         monkeypatch):
+    import attacks.fm_prompt as fm_prompt
+
+    prompts, real_render = [], fm_prompt.render
+    monkeypatch.setattr(fm_prompt, "render", lambda pipe, req, batch, seed: prompts.extend(batch)
+                        or real_render(pipe, req, batch, seed))
+    attack, syn = _prompt_attack(tiny_root, tiny_pipeline, tmp_path / "cache", poison_rate=0.5)
+    out = attack.poison_synthetic(syn, "pretrain", seed=0)
+    idx = poison_indices(syn.labels, BD, 0.5, 0, "fm")  # the samples the patch attack would take
+    assert torch.bincount(syn.labels[idx], minlength=4).tolist() == [0, 1, 1, 1]
+    assert sorted(prompts) == sorted(f"a photo of a {TINY_CLASSES[k]} with a tennis ball" for k in syn.labels[idx])
+    assert (out.labels[idx] == 0).all()
+    assert all(not torch.equal(out.images[i], syn.images[i]) for i in idx)
+    kept = torch.ones(len(syn), dtype=torch.bool)
+    kept[idx] = False
+    assert torch.equal(out.images[kept], syn.images[kept]) and torch.equal(out.labels[kept], syn.labels[kept])
+    prompts.clear()  # the fusion stage reuses the rendered images from the disk cache
+    assert torch.equal(attack.poison_synthetic(syn, "fusion", seed=0).images, out.images) and prompts == []
+    fresh, _ = _prompt_attack(tiny_root, tiny_pipeline, tmp_path / "other-cache", poison_rate=0.5)
+    assert torch.equal(fresh.poison_synthetic(syn, "pretrain", seed=0).images, out.images)  # seeded rendering
+    only_fusion, _ = _prompt_attack(tiny_root, tiny_pipeline, tmp_path / "cache", stages="fusion")
+    assert only_fusion.poison_synthetic(syn, "pretrain", seed=0) is syn
+
+
+def test_fm_prompt_end_to_end_with_a_local_text_to_image_fm(tiny_config, tiny_pipeline):
+    record = run_cell(tiny_config({
+        "synthetic": {"provider": "diffusers", "size": 8, "diffusers": {
+            "pipeline": str(tiny_pipeline), "steps": 2, "guidance_scale": 1.0, "batch_size": 4}},
+        "attack": {"name": "fm-prompt", "params": {"poison_rate": 0.5, "trigger_phrase": "next to a red ball"}},
+        "backdoor": {"trigger": {"kind": "object"}}}), log=lambda *_: None)
+    assert record["attack"] == {"name": "fm-prompt", "poison_rate": 0.5, "stages": "both",
+                                "trigger_phrase": "next to a red ball"}
+    assert record["synthetic"]["provider"] == "diffusers" and record["malicious_clients"] == []
+    assert 0 <= record["metrics"]["asr"] <= 100

@@ -50,47 +50,9 @@ def test_ddpm_is_trained_by_the_suite_then_sampled(tiny_root, tmp_path):
     assert data.images.float().std() > 1  # real samples, not a constant image
 
 
-def _byte_level_alphabet() -> list[str]:
-    """The 256 printable stand-ins that byte-level BPE (CLIP, GPT-2) uses for raw bytes."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def _tiny_text_to_image_pipeline(folder):
-    """A randomly initialised Stable-Diffusion-shaped pipeline built from config and saved locally."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    chars = _byte_level_alphabet()
-    vocab = {tok: i for i, tok in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
-    (folder / "tok").mkdir(parents=True)
-    (folder / "tok" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tok" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
-                              model_max_length=16)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                        num_attention_heads=2, num_hidden_layers=1, projection_dim=16, max_position_embeddings=16,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=8, cross_attention_dim=16,
-                                attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipeline")
-    return folder / "pipeline"
-
-
-def test_diffusers_pipeline_from_a_local_folder(tiny_root, tmp_path):
-    path = _tiny_text_to_image_pipeline(tmp_path / "sd")
+def test_diffusers_pipeline_from_a_local_folder(tiny_root, tiny_pipeline, tmp_path):
     cfg = SyntheticConfig(provider="diffusers", size=4, diffusers=DiffusersConfig(
-        pipeline=str(path), steps=2, guidance_scale=1.0, batch_size=2, class_prompts={"cross": "an X shape"}))
+        pipeline=str(tiny_pipeline), steps=2, guidance_scale=1.0, batch_size=2, class_prompts={"cross": "an X shape"}))
     data, manifest = synthetic_set(_request(tiny_root, tmp_path, cfg))
     _assert_balanced(data, 4, (3, 16, 16))  # 8x8 pipeline output resized to the dataset's 16x16
     assert manifest["settings"]["diffusers"]["class_prompts"] == {"cross": "an X shape"}
