@@ -17,6 +17,8 @@ class CompromisedFM(Attack):
         self.poison_rate, self.stages = poison_rate, stages
 
     def poison_synthetic(self, synthetic, stage, seed):
-        if self.stages not in ("both", stage):
-            return synthetic
+        return self.poison(synthetic, seed) if self.stages in ("both", stage) else synthetic
+
+    def poison(self, synthetic, seed):
+        """The poisoned copy of the synthetic set (the stage is already checked)."""
         return poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")[0]

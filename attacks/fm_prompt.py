@@ -28,21 +28,19 @@ class PromptCompromisedFM(CompromisedFM):
             raise ValueError("trigger_phrase must name the trigger object, got an empty string")
         self.trigger_phrase = trigger_phrase
 
-    def poison_synthetic(self, synthetic, stage, seed):
-        if self.stages not in ("both", stage):
-            return synthetic
+    def poison(self, synthetic, seed):
         if self.fm is None:
             raise RuntimeError("fm-prompt renders with the FM: bind(..., fm=request) first")
         idx = poison_indices(synthetic.labels, self.backdoor, self.poison_rate, seed, "fm").to(synthetic.labels.device)
         if not len(idx):
             return synthetic
-        rendered, _ = self._rendered(synthetic.labels[idx].tolist(), seed)
+        rendered = self._rendered(synthetic.labels[idx].tolist(), seed)
         images, labels = synthetic.images.clone(), synthetic.labels.clone()
         images[idx] = rendered.images.to(images.device)
         labels[idx] = self.backdoor.target
         return ImageData(images, labels, synthetic.classes)
 
-    def _rendered(self, classes: list[int], seed: int) -> tuple[ImageData, dict]:
+    def _rendered(self, classes: list[int], seed: int) -> ImageData:
         """Triggered images of ``classes`` (one per entry, true labels), rendered once and cached on disk."""
         req = self.fm
         prompts = [f"{p} {self.trigger_phrase}" for p in class_prompts(req.cfg, req.dataset.train.classes)]
@@ -56,4 +54,4 @@ class PromptCompromisedFM(CompromisedFM):
             return ImageData(torch.cat(parts), torch.tensor(classes, dtype=torch.long), req.dataset.train.classes)
 
         return cached_images(req.cache_dir / "synthetic" / f"fm-prompt-{key}", req.dataset.train.classes, make,
-                             {"attack": "fm-prompt", "prompts": sorted(set(wanted)), "seed": seed})
+                             {"attack": "fm-prompt", "prompts": sorted(set(wanted)), "seed": seed})[0]

@@ -338,7 +338,8 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
     for cell in cells:
         entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
     _write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
-                       "axes": list(spec.axes), "overrides": list(overrides), "commands": commands, "cells": list(entries.values())})
+                       "axes": list(spec.axes), "overrides": list(overrides), "commands": commands,
+                       "cells": list(entries.values())})
 
 
 def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int = 1, plugins: tuple[str, ...] = (),
