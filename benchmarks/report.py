@@ -200,7 +200,7 @@ def write_report(out: str | Path) -> list[Path]:
     status = cells["status"].value_counts().to_dict()
     md = [f"# Grid `{grid['grid']}` at scale `{grid['scale']}`", "",
           grid.get("description", "").strip(), "", *command_lines(grid), "",
-          f"Cells: {status}. Mean ± std over {cells['seed'].nunique() if 'seed' in cells else 1} seed(s).", ""]
+          f"Cells: {status}. Mean ± std over the finished seeds; each row's `seeds` column counts them.", ""]
     tex = []
     tables = {"Summary": summary_table(cells, axes), **paper_tables(cells, axes)}
     for title, table in tables.items():

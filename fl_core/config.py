@@ -94,6 +94,9 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 32
+    # constant | cosine (annealed to 0 over the stage's steps, per step); added after results were
+    # published, so left out of the key at its default
+    schedule: str = field(default="constant", metadata={"key_omits_default": True})
 
 
 @dataclass
@@ -187,12 +190,28 @@ class CellConfig:
 
     def key(self) -> str:
         """Short content hash of everything that changes results (runtime excluded)."""
-        canon = json.dumps(self.to_dict(with_runtime=False), sort_keys=True, default=str)
+        keyed = _key_view(self)
+        keyed.pop("runtime")
+        canon = json.dumps(keyed, sort_keys=True, default=str)
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def _key_view(obj: Any) -> Any:
+    """``dataclasses.asdict`` without the fields marked ``key_omits_default`` that hold their default:
+    a field added later then keeps every earlier key (and its committed results) valid."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _key_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("key_omits_default") and getattr(obj, f.name) == f.default)}
+    if isinstance(obj, (list, tuple)):
+        return [_key_view(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _key_view(v) for k, v in obj.items()}
+    return obj
 
 
 SETTINGS = {"cross-silo": (10, 10), "cross-device": (100, 10)}
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
 PARTITIONS = ("iid", "dirichlet", "shards")
 FUSIONS = ("fedavg", "feddf")
 
@@ -326,6 +345,7 @@ def _check_optim(o: OptimConfig, key: str) -> None:
     _check(0 <= o.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
     _check(o.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
     _check(o.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+    _check(o.schedule in SCHEDULES, f"{key}.schedule", f"{o.schedule!r} unknown; valid: {', '.join(SCHEDULES)}")
 
 
 def validate(cfg: CellConfig) -> CellConfig:

@@ -48,7 +48,12 @@ class _Stage(L.LightningModule):
         return augment(x, self.generator) if self.augment_inputs else x
 
     def configure_optimizers(self):
-        return make_optimizer(self.model.parameters(), self.optim)
+        optimizer = make_optimizer(self.model.parameters(), self.optim)
+        if self.optim.schedule == "constant":
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 class SupervisedModule(_Stage):

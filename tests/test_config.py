@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import pytest
 
 from fl_core.config import ConfigError, load_config
@@ -27,6 +30,7 @@ def test_wrong_type_names_the_key():
     ("data.beta=0", "data.beta"),
     ("data.partition=zipf", "data.partition"),
     ("fl.client.optimizer=lion", "fl.client.optimizer"),
+    ("fusion.optim.schedule=step", "fusion.optim.schedule"),
     ("synthetic.size=20000", "synthetic.size"),
     ("backdoor.mapping=one-to-one", "backdoor.source"),
 ])
@@ -59,6 +63,17 @@ def test_hash_ignores_runtime_and_tracks_results_keys():
     c = load_config(None, ["seed=1"])
     assert a.key() == b.key() != c.key()
     assert load_config(None, []).key() == a.key()  # stable across loads
+
+
+def test_fields_added_later_keep_earlier_keys_at_their_default():
+    """``schedule`` postdates committed results: at its default it must not enter the hash."""
+    cfg = load_config(None, [])
+    plain = cfg.to_dict(with_runtime=False)
+    for optim in (plain["fl"]["client"], plain["pretrain"]["optim"], plain["fusion"]["optim"]):
+        del optim["schedule"]
+    canon = json.dumps(plain, sort_keys=True, default=str)
+    assert cfg.key() == hashlib.sha256(canon.encode()).hexdigest()[:12]
+    assert load_config(None, ["fusion.optim.schedule=cosine"]).key() != cfg.key()
 
 
 def test_missing_config_file():

@@ -1,5 +1,7 @@
 import json
+import math
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,12 +9,12 @@ from torch import nn
 
 import defenses
 from attacks.triggers import PatchTrigger
-from fl_core.config import BackdoorConfig
-from fl_core.data import ImageData
+from fl_core.config import BackdoorConfig, OptimConfig
+from fl_core.data import ImageData, batch_loader
 from fl_core.fl import fedavg, run_cell, sample_clients
 from fl_core.hooks import Defense
 from fl_core.metrics import backdoor_test_set, evaluate
-from fl_core.modules import distillation_loss, ensemble_logits
+from fl_core.modules import SupervisedModule, distillation_loss, ensemble_logits, fit
 
 
 def test_fedavg_is_the_sample_weighted_mean():
@@ -42,6 +44,25 @@ def test_ensemble_is_the_weighted_mean_of_logits_or_probs():
     assert torch.allclose(ensemble_logits([t1, t2], w, x), 0.25 * t1(x) + 0.75 * t2(x), atol=1e-6)
     probs = ensemble_logits([t1, t2], w, x, mode="probs").exp()
     assert torch.allclose(probs, 0.25 * t1(x).softmax(-1) + 0.75 * t2(x).softmax(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule, final_lr", [("constant", 0.1), ("cosine", 0.0)])
+def test_lr_schedule_anneals_over_the_stage_steps(schedule, final_lr):
+    seen = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    images, labels = torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.arange(40) % 2
+    module = SupervisedModule(model, OptimConfig(lr=0.1, batch_size=4, schedule=schedule), False, seed=0)
+    fit(module, batch_loader(images, labels, 4, seed=0, steps=9), "cpu", callbacks=[RecordLR()])
+    assert len(seen) == 9 and seen[0] == pytest.approx(0.1)
+    if schedule == "cosine":  # one step before the end of a 9-step cosine: lr * (1 + cos(8 pi / 9)) / 2
+        assert seen[-1] == pytest.approx(0.1 * (1 + math.cos(8 * math.pi / 9)) / 2)
+        assert all(a > b for a, b in zip(seen, seen[1:]))
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(final_lr, abs=1e-9)
 
 
 def test_client_sampling_is_seeded():
