@@ -182,30 +182,29 @@ class CellConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def to_dict(self, with_runtime: bool = True) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+    def to_dict(self, with_runtime: bool = True, for_key: bool = False) -> dict[str, Any]:
+        """Plain nested dicts; ``for_key`` leaves out fields marked ``key_omits_default`` at their default."""
+        out = _plain(self, for_key)
         if not with_runtime:
             out.pop("runtime")
         return out
 
     def key(self) -> str:
         """Short content hash of everything that changes results (runtime excluded)."""
-        keyed = _key_view(self)
-        keyed.pop("runtime")
-        canon = json.dumps(keyed, sort_keys=True, default=str)
+        canon = json.dumps(self.to_dict(with_runtime=False, for_key=True), sort_keys=True, default=str)
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
-def _key_view(obj: Any) -> Any:
-    """``dataclasses.asdict`` without the fields marked ``key_omits_default`` that hold their default:
-    a field added later then keeps every earlier key (and its committed results) valid."""
+def _plain(obj: Any, for_key: bool) -> Any:
+    """``dataclasses.asdict``; with ``for_key``, without the fields marked ``key_omits_default`` that hold
+    their default, so a field added later keeps every earlier key (and its committed results) valid."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _key_view(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("key_omits_default") and getattr(obj, f.name) == f.default)}
+        return {f.name: _plain(getattr(obj, f.name), for_key) for f in dataclasses.fields(obj)
+                if not (for_key and f.metadata.get("key_omits_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
-        return [_key_view(v) for v in obj]
+        return [_plain(v, for_key) for v in obj]
     if isinstance(obj, dict):
-        return {k: _key_view(v) for k, v in obj.items()}
+        return {k: _plain(v, for_key) for k, v in obj.items()}
     return obj
 
 

@@ -46,8 +46,8 @@ def test_ensemble_is_the_weighted_mean_of_logits_or_probs():
     assert torch.allclose(probs, 0.25 * t1(x).softmax(-1) + 0.75 * t2(x).softmax(-1), atol=1e-6)
 
 
-@pytest.mark.parametrize("schedule, final_lr", [("constant", 0.1), ("cosine", 0.0)])
-def test_lr_schedule_anneals_over_the_stage_steps(schedule, final_lr):
+@pytest.mark.parametrize("schedule, epochs, final_lr", [("constant", 1, 0.1), ("cosine", 1, 0.0), ("cosine", 2, 0.0)])
+def test_lr_schedule_anneals_over_the_stage_steps(schedule, epochs, final_lr):
     seen = []
 
     class RecordLR(L.Callback):
@@ -57,10 +57,11 @@ def test_lr_schedule_anneals_over_the_stage_steps(schedule, final_lr):
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     images, labels = torch.zeros(40, 3, 4, 4, dtype=torch.uint8), torch.arange(40) % 2
     module = SupervisedModule(model, OptimConfig(lr=0.1, batch_size=4, schedule=schedule), False, seed=0)
-    fit(module, batch_loader(images, labels, 4, seed=0, steps=9), "cpu", callbacks=[RecordLR()])
-    assert len(seen) == 9 and seen[0] == pytest.approx(0.1)
-    if schedule == "cosine":  # one step before the end of a 9-step cosine: lr * (1 + cos(8 pi / 9)) / 2
-        assert seen[-1] == pytest.approx(0.1 * (1 + math.cos(8 * math.pi / 9)) / 2)
+    fit(module, batch_loader(images, labels, 4, seed=0, steps=9), "cpu", max_epochs=epochs, callbacks=[RecordLR()])
+    steps = 9 * epochs  # the cosine spans every epoch of the stage, not one
+    assert len(seen) == steps and seen[0] == pytest.approx(0.1)
+    if schedule == "cosine":  # one step before the end: lr * (1 + cos((steps - 1) pi / steps)) / 2
+        assert seen[-1] == pytest.approx(0.1 * (1 + math.cos((steps - 1) * math.pi / steps)) / 2)
         assert all(a > b for a, b in zip(seen, seen[1:]))
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(final_lr, abs=1e-9)
 
