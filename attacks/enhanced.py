@@ -1,10 +1,7 @@
 """The predecessors' enhanced classic attack for distillation-based fusion ([P1], [P2])."""
-import torch
-
 from attacks import ATTACKS
 from attacks.badnets import BadNets
 from attacks.poisoning import check_rate, check_stages, poison_data
-from fl_core.data import ImageData
 
 
 @ATTACKS.register("enhanced")
@@ -24,5 +21,4 @@ class EnhancedClassic(BadNets):
             return synthetic
         triggered, idx = poison_data(synthetic, self.trigger, self.backdoor, self.synthetic_rate, seed, "enhanced",
                                      relabel=False)
-        return ImageData(torch.cat([synthetic.images, triggered.images[idx]]),
-                         torch.cat([synthetic.labels, triggered.labels[idx]]), synthetic.classes)
+        return synthetic.concat(triggered.subset(idx))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fl_core.config import BackdoorConfig
-from fl_core.data import ImageData
+from fl_core.data import ImageData, Stamped
 from fl_core.hooks import Attack
 from fl_core.seeding import numpy_rng, torch_generator
 
@@ -39,7 +39,17 @@ def poison_data(data: ImageData, trigger, backdoor: BackdoorConfig, rate: float,
         images[idx] = trigger.apply(images[idx], seed=seed)
         if relabel:
             labels[idx] = backdoor.target
-    return ImageData(images, labels, data.classes), idx
+    return ImageData(images, labels, data.classes, stamped_mask(data, idx, trigger)), idx
+
+
+def stamped_mask(data: ImageData, idx: torch.Tensor, trigger) -> Stamped | None:
+    """``data``'s stamped samples plus ``idx``, for a trigger that augmentation can paste again."""
+    if not getattr(trigger, "local", False):
+        return data.stamped  # a global trigger (blend, warp) is cropped and flipped with its image
+    mask = data.stamped.mask.clone() if data.stamped is not None else torch.zeros(len(data), dtype=torch.bool,
+                                                                                 device=data.labels.device)
+    mask[idx] = True
+    return Stamped(trigger, mask)
 
 
 def check_rate(name: str, value: float) -> None:

@@ -21,6 +21,8 @@ class PatchTrigger:
     ``pattern`` is ``white``, ``black`` or ``checkerboard`` (white/black alternating).
     """
 
+    local = True  # pasted pixels: augmentation pastes them again after cropping (fl_core.modules)
+
     def __init__(self, size: int = 3, position: str = "bottom-right", pattern: str = "white", margin: int = 0):
         if size < 1:
             raise ValueError(f"patch size must be >= 1, got {size}")
@@ -49,6 +51,62 @@ class PatchTrigger:
         ys, xs = _positions(self.position, n, h, w, s, m, seed, "patch-position")
         _paste(out, self.stamp(c), torch.ones(s, s, dtype=torch.bool), ys, xs)
         return out
+
+
+@TRIGGERS.register("dba")
+class DistributedTrigger:
+    """DBA's global trigger (Xie et al. 2020): four local patterns, bars of ``part_height`` x ``part_width``
+    pixels laid out 2 x 2 with ``gap`` pixels between them, from a corner (``margin`` from the border).
+    ``part(i)`` is local trigger i alone (what one DBA client stamps); the test set uses all four."""
+
+    local = True
+
+    def __init__(self, part_height: int = 1, part_width: int = 4, gap: int = 2, position: str = "top-left",
+                 pattern: str = "white", margin: int = 1):
+        if part_height < 1 or part_width < 1 or gap < 1 or margin < 0:
+            raise ValueError("dba trigger needs part_height, part_width, gap >= 1 and margin >= 0")
+        if position == "random" or position not in CORNERS:
+            raise ValueError(f"dba position {position!r} unknown; valid: {', '.join(CORNERS[:-1])}")
+        if pattern not in ("white", "black"):
+            raise ValueError(f"dba pattern {pattern!r} unknown; valid: white, black")
+        self.part_height, self.part_width, self.gap = part_height, part_width, gap
+        self.position, self.pattern, self.margin = position, pattern, margin
+
+    def offsets(self, h: int, w: int) -> list[tuple[int, int]]:
+        """Top-left corner (y, x) of each of the four local patterns on an h x w image."""
+        ph, pw, g = self.part_height, self.part_width, self.gap
+        span_h, span_w = 2 * ph + g, 2 * pw + g
+        if span_h + self.margin > h or span_w + self.margin > w:
+            raise ValueError(f"dba trigger ({span_h}x{span_w} plus margin {self.margin}) does not fit {h}x{w} images")
+        y0 = self.margin if self.position.startswith("top") else h - span_h - self.margin
+        x0 = self.margin if self.position.endswith("left") else w - span_w - self.margin
+        return [(y0 + i * (ph + g), x0 + j * (pw + g)) for i in range(2) for j in range(2)]
+
+    def apply(self, images: torch.Tensor, seed: int = 0, parts: tuple[int, ...] = (0, 1, 2, 3)) -> torch.Tensor:
+        out = images.clone()
+        c, h, w = out.shape[1:]
+        value = 255 if self.pattern == "white" else 0
+        for i in parts:
+            y, x = self.offsets(h, w)[i]
+            out[:, :, y: y + self.part_height, x: x + self.part_width] = value
+        return out
+
+    def part(self, index: int) -> "LocalTrigger":
+        if not 0 <= index < 4:
+            raise ValueError(f"dba has local triggers 0-3, got {index}")
+        return LocalTrigger(self, index)
+
+
+class LocalTrigger:
+    """One local pattern of a :class:`DistributedTrigger`."""
+
+    local = True
+
+    def __init__(self, full: DistributedTrigger, index: int):
+        self.full, self.index = full, index
+
+    def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return self.full.apply(images, seed, parts=(self.index,))
 
 
 def _paste(out: torch.Tensor, stamp: torch.Tensor, mask: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> None:
@@ -100,6 +158,8 @@ class ObjectTrigger:
     A disc of ``size`` pixels, yellow-green (``color``) with a white seam, at a seeded random position
     per image (``position: random``) or in a fixed corner.
     """
+
+    local = True
 
     def __init__(self, size: int = 6, color: tuple | list = (204, 255, 0), position: str = "random"):
         if size < 3:
@@ -165,12 +225,6 @@ def _positions(position: str, n: int, h: int, w: int, s: int, margin: int, seed:
     y = margin if position.startswith("top") else h - s - margin
     x = margin if position.endswith("left") else w - s - margin
     return torch.full((n,), y), torch.full((n,), x)
-
-
-def changed_mask(trigger, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    """Pixels (H, W) a position-fixed trigger changes on black or white images."""
-    probes = torch.stack([torch.zeros(shape, dtype=torch.uint8), torch.full(shape, 255, dtype=torch.uint8)])
-    return (trigger.apply(probes, seed) != probes).any(dim=1).any(dim=0)
 
 
 def make_trigger(cfg: TriggerConfig):

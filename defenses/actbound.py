@@ -320,8 +320,7 @@ class ActivationBounds(Defense):
             self._flagged[plan.prototype] = flagged
             if self.filter_fusion and plan.synthetic is ctx.synthetic and flagged.any():
                 keep = ~flagged.to(plan.synthetic.labels.device)
-                plan.synthetic = ImageData(plan.synthetic.images[keep], plan.synthetic.labels[keep],
-                                           plan.synthetic.classes)
+                plan.synthetic = plan.synthetic.subset(keep.nonzero().flatten())
         if self.during_fusion:
             images = self.preservation_data(plan.prototype, ctx.synthetic)
             new = plan.prototype not in self._states

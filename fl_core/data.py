@@ -29,22 +29,48 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 @dataclass
+class Stamped:
+    """Which samples of a set carry a pasted trigger (``mask``, bool (N,)), and the trigger, so that
+    augmentation can stamp it again after cropping and flipping."""
+
+    trigger: object
+    mask: torch.Tensor
+
+
+@dataclass
 class ImageData:
-    """A labelled image set: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+    """A labelled image set: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,); ``stamped`` marks
+    the samples a poisoning step stamped a trigger on (None: no stamped sample)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    stamped: Stamped | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor | np.ndarray) -> "ImageData":
         index = torch.as_tensor(index, dtype=torch.long)
-        return ImageData(self.images[index], self.labels[index], self.classes)
+        stamped = self.stamped and Stamped(self.stamped.trigger, self.stamped.mask[index.to(self.stamped.mask.device)])
+        return ImageData(self.images[index], self.labels[index], self.classes, stamped)
+
+    def concat(self, other: "ImageData") -> "ImageData":
+        """This set followed by ``other`` (same classes); stamped masks are joined."""
+        stamped = None
+        if self.stamped is not None or other.stamped is not None:
+            triggers = {id(d.stamped.trigger): d.stamped.trigger for d in (self, other) if d.stamped is not None}
+            if len(triggers) > 1:
+                raise ValueError("cannot join sets stamped with different triggers")
+            masks = [d.stamped.mask if d.stamped is not None else
+                     torch.zeros(len(d), dtype=torch.bool, device=d.labels.device) for d in (self, other)]
+            stamped = Stamped(next(iter(triggers.values())), torch.cat(masks))
+        return ImageData(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), self.classes,
+                         stamped)
 
     def to(self, device: torch.device | str) -> "ImageData":
-        return ImageData(self.images.to(device), self.labels.to(device), self.classes)
+        stamped = self.stamped and Stamped(self.stamped.trigger, self.stamped.mask.to(device))
+        return ImageData(self.images.to(device), self.labels.to(device), self.classes, stamped)
 
     @property
     def num_classes(self) -> int:
@@ -324,12 +350,13 @@ class TensorBatches(torch.utils.data.IterableDataset):
     """Mini-batches drawn from in-memory tensors by a seeded permutation (no per-sample work).
 
     With ``steps`` set, yields exactly that many batches, reshuffling at each pass; else one
-    pass per iteration, a new order each time it is iterated.
+    pass per iteration, a new order each time it is iterated. ``extras`` are named per-sample tensors
+    (e.g. precomputed teacher outputs) batched alongside: batches are then ``(images, labels, extras)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 steps: int | None = None, shuffle: bool = True):
-        self.images, self.labels = images, labels
+                 steps: int | None = None, shuffle: bool = True, extras: dict[str, torch.Tensor] | None = None):
+        self.images, self.labels, self.extras = images, labels, extras or {}
         self.batch_size, self.steps, self.shuffle = batch_size, steps, shuffle
         self.generator = torch_generator(seed, "batches")
 
@@ -340,13 +367,16 @@ class TensorBatches(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return self.steps if self.steps is not None else -(-len(self.labels) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         emitted = 0
         while True:
             order = self._order().to(self.images.device)
             for start in range(0, len(order), self.batch_size):
                 idx = order[start: start + self.batch_size]
-                yield self.images[idx], self.labels[idx]
+                if self.extras:
+                    yield self.images[idx], self.labels[idx], {k: v[idx] for k, v in self.extras.items()}
+                else:
+                    yield self.images[idx], self.labels[idx]
                 emitted += 1
                 if self.steps is not None and emitted >= self.steps:
                     return
@@ -354,8 +384,21 @@ class TensorBatches(torch.utils.data.IterableDataset):
                 return
 
 
+def training_loader(data: ImageData, batch_size: int, seed: int, augmenting: bool, steps: int | None = None,
+                    targets: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+    """Seeded training batches of ``data``: ``(images, labels)``, plus a mapping with the ``stamped``
+    mask when augmentation must stamp triggers again, and/or precomputed distillation ``targets``."""
+    extras = {}
+    if augmenting and data.stamped is not None:
+        extras["stamped"] = data.stamped.mask
+    if targets is not None:
+        extras["targets"] = targets
+    return batch_loader(data.images, data.labels, batch_size, seed, steps, extras=extras)
+
+
 def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 steps: int | None = None, shuffle: bool = True) -> torch.utils.data.DataLoader:
+                 steps: int | None = None, shuffle: bool = True,
+                 extras: dict[str, torch.Tensor] | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`TensorBatches` (batches are pre-formed, so ``batch_size=None``)."""
-    return torch.utils.data.DataLoader(TensorBatches(images, labels, batch_size, seed, steps, shuffle),
+    return torch.utils.data.DataLoader(TensorBatches(images, labels, batch_size, seed, steps, shuffle, extras),
                                        batch_size=None)

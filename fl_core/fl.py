@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from fl_core.config import CellConfig
-from fl_core.data import Dataset, ImageData, batch_loader, load_dataset, partition, resolve_data_root, stratified_split
+from fl_core.data import (Dataset, ImageData, load_dataset, partition, resolve_data_root, stratified_split,
+                          training_loader)
 from fl_core.hooks import ClientUpdate, FusionPlan, ServerContext, State
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.models import build_model
-from fl_core.modules import FusionModule, SupervisedModule, fit
+from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit
 from fl_core.seeding import derive_seed, numpy_rng
 from fl_core.synthetic import SyntheticRequest, synthetic_set
 
@@ -150,6 +151,11 @@ class _Timer:
             self.seconds += time.perf_counter() - start
 
 
+def stamp_trigger(data: ImageData):
+    """The trigger that augmentation must paste again on ``data``'s stamped samples (None: none)."""
+    return data.stamped.trigger if data.stamped is not None else None
+
+
 def initial_models(cfg: CellConfig, setup: Setup) -> list[nn.Module]:
     """One freshly initialised global model per prototype, each seeded from the config, on the device."""
     ds = setup.dataset
@@ -165,8 +171,9 @@ def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, accelera
     if not (cfg.pretrain.enabled and cfg.pretrain.epochs > 0):
         return
     for p, model in enumerate(models):
-        loader = batch_loader(data.images, data.labels, cfg.pretrain.optim.batch_size, derive_seed(cfg.seed, "pre", p))
-        fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(cfg.seed, "pre-aug", p)),
+        loader = training_loader(data, cfg.pretrain.optim.batch_size, derive_seed(cfg.seed, "pre", p), cfg.data.augment)
+        fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(cfg.seed, "pre-aug", p),
+                             stamp_trigger(data)),
             loader, accelerator, max_epochs=cfg.pretrain.epochs)
         _check_finite(model, "pre-training")
 
@@ -236,10 +243,13 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
             p = proto_of[cid]
             local = copy.deepcopy(models[p])
             data = clients[cid]
-            loader = batch_loader(data.images, data.labels, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid))
+            loader = training_loader(data, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid),
+                                     cfg.data.augment)
+            callbacks = attack.training_callbacks(cid, models[p], ctx) if cid in malicious else None
             with local_time():
-                fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid)),
-                    loader, acc, max_epochs=cfg.fl.local_epochs)
+                fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid),
+                                     stamp_trigger(data)),
+                    loader, acc, max_epochs=cfg.fl.local_epochs, callbacks=callbacks)
             update = ClientUpdate(cid, p, len(data), local)
             if cid in malicious:
                 update = attack.poison_update(update, models[p], ctx)
@@ -260,11 +270,15 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
                 with d_time():
                     plan = defense.on_fusion(plan, model, ctx)
                 if plan.teachers:
-                    loader = batch_loader(plan.synthetic.images, plan.synthetic.labels, cfg.fusion.optim.batch_size,
-                                          derive_seed(seed, "fusion", r, p), steps=cfg.fusion.steps)
-                    module = FusionModule(model, [u.model for u in plan.teachers], plan.teacher_weights, cfg.fusion,
-                                          derive_seed(seed, "fusion-aug", r, p))
+                    teachers = [u.model for u in plan.teachers]
                     with fusion_time():
+                        targets = None if cfg.fusion.augment else ensemble_outputs(teachers, plan.teacher_weights,
+                                                                                   plan.synthetic.images)
+                        loader = training_loader(plan.synthetic, cfg.fusion.optim.batch_size,
+                                                 derive_seed(seed, "fusion", r, p), cfg.fusion.augment,
+                                                 steps=cfg.fusion.steps, targets=targets)
+                        module = FusionModule(model, teachers, plan.teacher_weights, cfg.fusion,
+                                              derive_seed(seed, "fusion-aug", r, p), trigger=stamp_trigger(plan.synthetic))
                         fit(module, loader, acc, callbacks=plan.callbacks)
             with d_time():
                 models[p] = defense.after_round(model, p, ctx)

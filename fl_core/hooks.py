@@ -70,11 +70,12 @@ class Attack:
     Before use, the FL loop calls ``bind`` with the cell's backdoor spec and trigger, which every
     attack shares with the ASR test set, and with the request the server sends the FM (an attack that
     compromises the FM itself may query it). ``requires_provider`` names the only synthetic provider
-    such an attack works with; the config check enforces it.
+    such an attack works with, ``requires_trigger`` the only trigger kind; the config check enforces both.
     """
 
     name: ClassVar[str] = "none"
     requires_provider: ClassVar[str | None] = None
+    requires_trigger: ClassVar[str | None] = None  # the only ``backdoor.trigger.kind`` it works with
     backdoor = None  # BackdoorConfig, set by bind()
     trigger = None  # trigger object, set by bind()
     fm = None  # SyntheticRequest, set by bind()
@@ -100,6 +101,10 @@ class Attack:
     def poison_update(self, update: ClientUpdate, global_model: nn.Module, ctx: ServerContext) -> ClientUpdate:
         """Alter a malicious client's update before the server sees it."""
         return update
+
+    def training_callbacks(self, client_id: int, global_model: nn.Module, ctx: ServerContext) -> list:
+        """Lightning callbacks for a malicious client's local training (e.g. a per-step projection)."""
+        return []
 
     def describe(self) -> dict:
         """Name and parameters, for the result record."""

@@ -34,18 +34,31 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 class _Stage(L.LightningModule):
-    """Shared parts: float conversion + batched augmentation with a seeded generator, optimiser."""
+    """Shared parts: float conversion + batched augmentation with a seeded generator, optimiser.
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, augment_inputs: bool, seed: int):
+    A batch is ``(images, labels)`` or ``(images, labels, extras)`` (see :func:`training_loader`). With
+    augmentation on, samples marked ``stamped`` get their pasted trigger (``trigger``) again after the
+    crop and flip, so that no poisoned sample loses its trigger."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, augment_inputs: bool, seed: int, trigger=None):
         super().__init__()
         self.model = model
         self.optim = optim
         self.augment_inputs = augment_inputs
+        self.trigger = trigger
         self.generator = torch_generator(seed, "augment")
 
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+    def inputs(self, images: torch.Tensor, extras: dict | None = None) -> torch.Tensor:
         x = to_float(images)
-        return augment(x, self.generator) if self.augment_inputs else x
+        if not self.augment_inputs:
+            return x
+        x = augment(x, self.generator)
+        stamped = (extras or {}).get("stamped")
+        if stamped is not None and self.trigger is not None and stamped.any():
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+            again = self.trigger.apply((x[stamped] * 255).round().to(torch.uint8), seed=seed)
+            x[stamped] = to_float(again)
+        return x
 
     def configure_optimizers(self):
         optimizer = make_optimizer(self.model.parameters(), self.optim)
@@ -60,8 +73,8 @@ class SupervisedModule(_Stage):
     """Cross-entropy training: a client's local training and the server's pre-training on synthetic data."""
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
-        loss = F.cross_entropy(self.model(self.inputs(images)), labels)
+        images, labels, *extras = batch
+        loss = F.cross_entropy(self.model(self.inputs(images, *extras)), labels)
         self.log("train_loss", loss, prog_bar=False, logger=False)
         return loss
 
@@ -87,12 +100,28 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss
 
 
+@torch.no_grad()
+def ensemble_outputs(teachers: list[nn.Module], weights: torch.Tensor, images: torch.Tensor, mode: str = "logits",
+                     chunk: int = 1000) -> torch.Tensor:
+    """The ensemble's output (:func:`ensemble_logits`, teachers in eval mode) on every uint8 image, once.
+
+    On un-augmented fusion data the teachers see the same inputs on every pass, so the distillation
+    targets are computed once per round instead of once per batch."""
+    for teacher in teachers:
+        teacher.eval()
+    return torch.cat([ensemble_logits(teachers, weights, to_float(images[i: i + chunk]), mode)
+                      for i in range(0, len(images), chunk)])
+
+
 class FusionModule(_Stage):
-    """Distils the weighted ensemble of this round's client models into one global model."""
+    """Distils the weighted ensemble of this round's client models into one global model.
+
+    Teacher outputs are computed on each (augmented) batch, or taken from the batch's precomputed
+    ``targets`` (:func:`ensemble_outputs`, un-augmented inputs only)."""
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], teacher_weights: torch.Tensor,
-                 cfg: FusionConfig, seed: int, ensemble: str = "logits"):
-        super().__init__(student, cfg.optim, cfg.augment, seed)
+                 cfg: FusionConfig, seed: int, ensemble: str = "logits", trigger=None):
+        super().__init__(student, cfg.optim, cfg.augment, seed, trigger)
         self.teachers = nn.ModuleList(teachers).requires_grad_(False)
         self.register_buffer("teacher_weights", teacher_weights.float(), persistent=False)
         self.alpha, self.temperature, self.ensemble = cfg.alpha, cfg.temperature, ensemble
@@ -101,10 +130,16 @@ class FusionModule(_Stage):
         self.teachers.eval()
 
     def training_step(self, batch, batch_idx):
-        images, labels = batch
-        x = self.inputs(images)
-        with torch.no_grad():
-            target = ensemble_logits(list(self.teachers), self.teacher_weights, x, self.ensemble)
+        images, labels, *extras = batch
+        extras = extras[0] if extras else {}
+        x = self.inputs(images, extras)
+        if "targets" in extras:
+            if self.augment_inputs:
+                raise ValueError("precomputed teacher outputs need un-augmented fusion inputs")
+            target = extras["targets"]
+        else:
+            with torch.no_grad():
+                target = ensemble_logits(list(self.teachers), self.teacher_weights, x, self.ensemble)
         loss = distillation_loss(self.model(x), target, labels, self.alpha, self.temperature)
         self.log("fusion_loss", loss, prog_bar=False, logger=False)
         return loss

@@ -1,15 +1,17 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from attacks import ATTACKS
-from attacks.dba import split_trigger
 from attacks.poisoning import poison_data, poison_indices
-from attacks.triggers import BlendTrigger, ObjectTrigger, PatchTrigger, WarpTrigger, changed_mask
-from fl_core.config import BackdoorConfig, ConfigError, DiffusersConfig, SyntheticConfig, load_config
-from fl_core.data import ImageData, load_dataset
+from attacks.triggers import BlendTrigger, DistributedTrigger, ObjectTrigger, PatchTrigger, WarpTrigger
+from fl_core.config import BackdoorConfig, ConfigError, DiffusersConfig, OptimConfig, SyntheticConfig, load_config
+from fl_core.data import ImageData, batch_loader, load_dataset
 from fl_core.fl import run_cell
 from fl_core.hooks import ClientUpdate, ServerContext
+from fl_core.modules import SupervisedModule, fit
 from fl_core.synthetic import SyntheticRequest, synthetic_set
 from conftest import TINY_CLASSES
 
@@ -84,40 +86,91 @@ def test_fixed_frequency_forces_and_excludes_malicious_clients():
         assert (bad in chosen) == (r % 3 == 0)
 
 
-def test_scaling_boosts_the_update():
-    attack = _make("scaling", boost=5.0)
-    glob, local = nn.Linear(2, 2), nn.Linear(2, 2)
-    before = {k: v.clone() for k, v in ClientUpdate(0, 0, 1, local).delta(glob).items()}
-    update = attack.poison_update(ClientUpdate(0, 0, 1, local), glob, ctx=None)
-    for k, d in update.delta(glob).items():
-        assert torch.allclose(d, 5.0 * before[k], atol=1e-6)
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
 
 
-def test_neurotoxin_zeroes_the_most_moved_coordinates():
+def _trained_copy(glob):
+    local = copy.deepcopy(glob)
+    local.train()
+    with torch.no_grad():
+        for p in local.parameters():
+            p.add_(0.1)
+        local(torch.rand(16, 3, 8, 8) * 5)  # BN running statistics move too
+    return local
+
+
+def test_scaling_boosts_parameters_only_and_keeps_bn_statistics_valid():
+    glob = _bn_net()
+    glob(torch.rand(2, 3, 8, 8))
+    local = _trained_copy(glob)
+    trained = {k: v.clone() for k, v in local.state_dict().items()}
+    update = _make("scaling", boost=10.0).poison_update(ClientUpdate(0, 0, 1, local), glob, ctx=None)
+    start = dict(glob.named_parameters())
+    for name, param in update.model.named_parameters():
+        assert torch.allclose(param - start[name], torch.ones_like(param), atol=1e-5), name  # 10 x 0.1
+    state = update.model.state_dict()
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(state[key], trained[key])  # sent as trained, never boosted
+    assert (state["1.running_var"] > 0).all()
+
+
+def _fit(model, attack_callbacks, steps=5):
+    data = ImageData(torch.randint(0, 255, (64, 1, 1, 4), dtype=torch.uint8), torch.randint(0, 2, (64,)), ["a", "b"])
+    loader = batch_loader(data.images, data.labels, 16, seed=0, steps=steps)
+    fit(SupervisedModule(model, OptimConfig(lr=0.1), False, 0), loader, "cpu", callbacks=attack_callbacks)
+
+
+def test_neurotoxin_projects_every_step_off_the_coordinates_the_global_model_moved_most():
     attack = _make("neurotoxin", mask_ratio=0.25)
-    glob = nn.Linear(4, 1, bias=False)
+    glob = nn.Sequential(nn.Flatten(), nn.Linear(4, 1, bias=False), nn.Linear(1, 2, bias=False))
     ctx = lambda r: ServerContext(r, 0, torch.device("cpu"), 2, None)  # noqa: E731
-    attack.poison_update(ClientUpdate(0, 0, 1, nn.Linear(4, 1, bias=False)), glob, ctx(1))
+    assert attack.training_callbacks(0, glob, ctx(1)) == []  # no global change observed yet
     with torch.no_grad():
-        glob.weight[0, 2] += 10.0  # the benign clients moved coordinate 2 most
-    local = nn.Linear(4, 1, bias=False)
-    with torch.no_grad():
-        local.weight.copy_(glob.weight + 1.0)
-    delta = attack.poison_update(ClientUpdate(0, 0, 1, local), glob, ctx(2)).delta(glob)["weight"]
-    assert delta[0, 2] == 0 and torch.allclose(delta[0, [0, 1, 3]], torch.ones(3))
+        glob[1].weight[0, 2] += 10.0  # the benign clients moved coordinate 2 most
+    callbacks = attack.training_callbacks(0, glob, ctx(2))
+    local = copy.deepcopy(glob)
+    _fit(local, callbacks)
+    moved = (local[1].weight - glob[1].weight).abs()[0]
+    assert moved[2] == 0 and (moved[[0, 1, 3]] > 0).all()  # frozen through every Adam step
+    free = copy.deepcopy(glob)
+    _fit(free, [])
+    assert (free[1].weight - glob[1].weight)[0, 2] != 0  # without the projection it moves
 
 
-def test_dba_parts_cover_the_trigger_disjointly():
-    parts = split_trigger(PatchTrigger(size=3), (3, 8, 8), 4)
-    masks = torch.stack([p.part for p in parts])
-    assert masks.sum(0).max() == 1 and torch.equal(masks.any(0), changed_mask(PatchTrigger(size=3), (3, 8, 8)))
-    assert sorted(m.sum().item() for m in masks) == [2, 2, 2, 3]
-    attack = _make("dba", num_malicious=2)
-    bad = attack.malicious_clients(5, 0)
+def test_dba_clients_stamp_separated_local_patterns_that_compose_the_global_trigger():
+    full = DistributedTrigger(part_height=1, part_width=2, gap=1, margin=0)
+    blank = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    masks = [(full.part(i).apply(blank) != blank).any(1)[0] for i in range(4)]
+    assert all(m.sum() == 2 for m in masks)
+    assert torch.equal(torch.stack(masks).any(0), (full.apply(blank) != blank).any(1)[0])
+    for a in range(4):
+        for b in range(a + 1, 4):  # separated: no two local patterns touch (8-neighbourhood)
+            grown = torch.nn.functional.max_pool2d(masks[a][None, None].float(), 3, 1, 1)[0, 0] > 0
+            assert not (grown & masks[b]).any()
+    attack = ATTACKS.get("dba")(num_malicious=4)
+    attack.bind(BD, full)
+    bad = attack.malicious_clients(10, 0)
     data = _data()
-    out = [attack.poison_client_data(c, data, 0) for c in bad]
-    changed = [(o.images != data.images).any(dim=1).any(dim=0) for o in out]
-    assert not (changed[0] & changed[1]).any()  # each client stamps only its own part
+    changed = [(attack.poison_client_data(c, data, 0).images != data.images).any(1).any(0) for c in bad]
+    assert [torch.equal(c, m) for c, m in zip(changed, masks)] == [True] * 4
+    with pytest.raises(ConfigError, match="backdoor.trigger.kind"):
+        load_config(None, ["attack.name=dba"])  # the patch trigger has no local patterns
+
+
+def test_an_augmented_poisoned_sample_keeps_its_whole_trigger():
+    data = ImageData(torch.zeros(200, 3, 16, 16, dtype=torch.uint8), torch.ones(200, dtype=torch.long), ["a", "b"])
+    patch = PatchTrigger(size=3)
+    poisoned, idx = poison_data(data, patch, BD, 0.5, seed=0)
+    assert int(poisoned.stamped.mask.sum()) == len(idx) == 100
+    module = SupervisedModule(nn.Identity(), OptimConfig(), True, 0, patch)
+    x = module.inputs(poisoned.images, {"stamped": poisoned.stamped.mask})
+    assert (x[idx][:, :, -3:, -3:] == 1).all()  # every poisoned sample: all 9 pixels of the patch
+    plain = SupervisedModule(nn.Identity(), OptimConfig(), True, 0).inputs(poisoned.images)
+    assert not (plain[idx][:, :, -3:, -3:] == 1).all(-1).all(-1).all(-1).all()  # crops alone lose some
+    clean = torch.ones(200, dtype=torch.bool)
+    clean[idx] = False
+    assert (x[clean] == 0).all()  # clean samples get no trigger
 
 
 def test_other_triggers_are_deterministic_batched_ops():

@@ -159,3 +159,40 @@ def test_defense_hooks_see_server_data_only_and_can_drop_updates(tiny_config):
     assert ("filter", 1, 0) in SpyDefense.seen and ("filter", 1, 2) in SpyDefense.seen
     assert ("fusion", 1, [1, 2], 20) in SpyDefense.seen  # client 0 dropped; synthetic set of size 20
     assert ("after", 1, 0) in SpyDefense.seen
+
+
+def test_teacher_outputs_computed_once_equal_the_per_batch_ensemble():
+    from fl_core.config import FusionConfig
+    from fl_core.data import training_loader
+    from fl_core.modules import FusionModule, ensemble_outputs
+
+    torch.manual_seed(0)
+    net = lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # noqa: E731
+    teachers, weights = [net(), net()], torch.tensor([1.0, 3.0])
+    data = ImageData(torch.randint(0, 255, (40, 3, 2, 2), dtype=torch.uint8), torch.randint(0, 3, (40,)), list("abc"))
+    students = []
+    for precompute in (False, True):
+        student = net()
+        student.load_state_dict(teachers[0].state_dict())
+        targets = ensemble_outputs(teachers, weights, data.images, chunk=7) if precompute else None
+        loader = training_loader(data, 8, seed=1, augmenting=False, steps=12, targets=targets)
+        fit(FusionModule(student, teachers, weights, FusionConfig(alpha=0.3), seed=2), loader, "cpu")
+        students.append(student)
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(students[0][1].weight, teachers[0][1].weight)  # it did train
+
+
+def test_subsets_and_joins_keep_the_stamped_mask():
+    trigger = PatchTrigger(size=1)
+    a = ImageData(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4), list("abcd"))
+    from fl_core.data import Stamped
+
+    b = ImageData(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.arange(3), list("abcd"),
+                  Stamped(trigger, torch.tensor([True, False, True])))
+    joined = a.concat(b)
+    assert joined.stamped.trigger is trigger
+    assert joined.stamped.mask.tolist() == [False] * 4 + [True, False, True]
+    assert joined.subset(torch.tensor([6, 0])).stamped.mask.tolist() == [True, False]
+    with pytest.raises(ValueError, match="different triggers"):
+        b.concat(ImageData(b.images, b.labels, b.classes, Stamped(PatchTrigger(size=2), b.stamped.mask)))
