@@ -68,10 +68,13 @@ class ClientAttack(Attack):
 
     Malicious clients act only in rounds where they are sampled. ``frequency`` = k > 0 fixes that:
     they are put into every k-th round's selection (replacing benign clients) and kept out of the others.
+    ``epochs`` > 0: malicious clients train that many local epochs (0: as many as the benign ones).
     """
 
+    omit_at_default = {"epochs": 0}
+
     def __init__(self, num_malicious: int = 1, malicious_fraction: float | None = None, poison_rate: float = 0.2,
-                 frequency: int = 0):
+                 frequency: int = 0, epochs: int = 0):
         if num_malicious < 0:
             raise ValueError(f"num_malicious must be >= 0, got {num_malicious}")
         if malicious_fraction is not None:
@@ -79,9 +82,14 @@ class ClientAttack(Attack):
         check_rate("poison_rate", poison_rate)
         if frequency < 0:
             raise ValueError(f"frequency must be >= 0 (0 = natural sampling), got {frequency}")
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0 (0 = the benign clients' local epochs), got {epochs}")
         self.num_malicious, self.malicious_fraction = num_malicious, malicious_fraction
-        self.poison_rate, self.frequency = poison_rate, frequency
+        self.poison_rate, self.frequency, self.epochs = poison_rate, frequency, epochs
         self._malicious: list[int] = []
+
+    def local_epochs(self, client_id: int, benign_epochs: int) -> int:
+        return self.epochs or benign_epochs
 
     def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
         m = self.num_malicious if self.malicious_fraction is None else round(self.malicious_fraction * num_clients)

@@ -245,11 +245,14 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
             data = clients[cid]
             loader = training_loader(data, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid),
                                      cfg.data.augment)
-            callbacks = attack.training_callbacks(cid, models[p], ctx) if cid in malicious else None
+            epochs, callbacks = cfg.fl.local_epochs, None
+            if cid in malicious:
+                epochs = attack.local_epochs(cid, epochs)
+                callbacks = attack.training_callbacks(cid, models[p], ctx)
             with local_time():
                 fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid),
                                      stamp_trigger(data)),
-                    loader, acc, max_epochs=cfg.fl.local_epochs, callbacks=callbacks)
+                    loader, acc, max_epochs=epochs, callbacks=callbacks)
             update = ClientUpdate(cid, p, len(data), local)
             if cid in malicious:
                 update = attack.poison_update(update, models[p], ctx)

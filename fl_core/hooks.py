@@ -102,6 +102,10 @@ class Attack:
         """Alter a malicious client's update before the server sees it."""
         return update
 
+    def local_epochs(self, client_id: int, benign_epochs: int) -> int:
+        """How many local epochs a malicious client trains (attackers often train longer)."""
+        return benign_epochs
+
     def training_callbacks(self, client_id: int, global_model: nn.Module, ctx: ServerContext) -> list:
         """Lightning callbacks for a malicious client's local training (e.g. a per-step projection)."""
         return []
@@ -147,8 +151,12 @@ class Defense:
 
 
 def describe(plugin) -> dict:
-    """A plugin's registered name and its public, JSON-friendly parameters."""
+    """A plugin's registered name and its public, JSON-friendly parameters; a parameter listed in the
+    plugin's ``omit_at_default`` (added after results were published) is left out while at that default,
+    so earlier cells keep their config keys."""
+    omit = getattr(plugin, "omit_at_default", {})
     params = {k: v for k, v in vars(plugin).items()
               if not k.startswith("_") and k not in ("backdoor", "trigger", "fm")
-              and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
+              and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))
+              and not (k in omit and v == omit[k])}
     return {"name": plugin.name, **params}

@@ -255,3 +255,15 @@ def test_fm_prompt_end_to_end_with_a_local_text_to_image_fm(tiny_config, tiny_pi
                                 "trigger_phrase": "next to a red ball"}
     assert record["synthetic"]["provider"] == "diffusers" and record["malicious_clients"] == []
     assert 0 <= record["metrics"]["asr"] <= 100
+
+
+def test_malicious_local_epochs_are_an_option_that_leaves_earlier_keys_alone():
+    assert _make("badnets").local_epochs(0, 1) == 1
+    assert _make("badnets", epochs=5).local_epochs(0, 1) == 5
+    assert "epochs" not in _make("badnets").describe() and _make("badnets", epochs=5).describe()["epochs"] == 5
+    plain = load_config(None, ["attack.name=badnets"])
+    explicit = load_config(None, ["attack.name=badnets", "attack.params.epochs=0"])
+    assert plain.key() == explicit.key()  # the field added later keeps earlier cells' keys
+    assert load_config(None, ["attack.name=badnets", "attack.params.epochs=5"]).key() != plain.key()
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(None, ["attack.name=badnets", "attack.params.epochs=-1"])
