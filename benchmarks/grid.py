@@ -197,15 +197,25 @@ def cell_dir(out: Path, key: str) -> Path:
     return out / "cells" / key
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or does not parse (cut short by a crash or a
+    full disk): such a file counts as absent, so its cell is computed again; a warning names it."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"warning: {path} is not valid JSON (truncated?); treated as missing", file=sys.stderr)
+        return None
+
+
 def cell_status(out: Path, key: str) -> str:
     """``done``, ``n/a`` (not applicable), ``failed`` or ``pending``."""
     folder = cell_dir(out, key)
-    if (folder / "record.json").is_file():
+    if read_json(folder / "record.json") is not None:
         return "done"
-    status = folder / "status.json"
-    if status.is_file():
-        return json.loads(status.read_text())["status"]
-    return "pending"
+    status = read_json(folder / "status.json")
+    return status["status"] if status is not None else "pending"
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -329,7 +339,7 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
     """``grid.json``: the grid's axes, every cell's key, labels and config (read by the report), and each
     distinct command that wrote to this folder (earlier ``--only`` subsets stay in the report)."""
     path = out / "grid.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    manifest = read_json(path) or {}
     previous = manifest.get("cells", [])
     commands = [c for c in recorded_commands(manifest) if c != command] + [command]
     current = {json.dumps(c.labels, sort_keys=True) for c in cells}

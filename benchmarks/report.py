@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.grid import recorded_commands
+from benchmarks.grid import read_json, recorded_commands
 from fl_core.config import CellConfig, from_dict
 
 METRICS = ("acc", "asr", "ra")
@@ -44,17 +44,15 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     for cell in grid["cells"]:
         folder = out / "cells" / cell["key"]
         row = {"key": cell["key"], **cell["labels"]}
-        record_file, status_file = folder / "record.json", folder / "status.json"
-        if record_file.is_file():
-            rec = json.loads(record_file.read_text())
+        rec, st = read_json(folder / "record.json"), read_json(folder / "status.json")
+        if rec is not None:
             row.update(status="done", **rec["metrics"], wall_seconds=rec["wall_seconds"],
                        defense_seconds=rec["defense_seconds"], torch=rec["versions"]["torch"],
                        lightning=rec["versions"]["lightning"], git_commit=rec["versions"]["git_commit"])
             for r in rec["rounds"]:
                 round_rows.append({"key": cell["key"], **cell["labels"],
                                    **{k: v for k, v in r.items() if k != "prototypes"}})
-        elif status_file.is_file():
-            st = json.loads(status_file.read_text())
+        elif st is not None:
             row.update(status=st["status"], error=st.get("error"), reason=st.get("reason"))
         else:
             row.update(status="pending")

@@ -334,6 +334,6 @@ def save_cell(record: dict, models: list[nn.Module], out_dir: Path, defense_stat
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / "models" / f"prototype{p}.pt")
     if defense_state:
         torch.save({k: v.cpu() for k, v in defense_state.items()}, out_dir / "models" / "defense.pt")
-    tmp = out_dir / "record.json.tmp"
+    tmp = out_dir / f"record.json.tmp{os.getpid()}"  # one name per writer: no two processes share it
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out_dir / "record.json")

@@ -79,3 +79,13 @@ def test_fields_added_later_keep_earlier_keys_at_their_default():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such/file.yaml")
+
+
+def test_malformed_yaml_names_the_file_or_override(tmp_path):
+    bad = tmp_path / "cell.yaml"
+    bad.write_text("fl: {rounds: 2\nseed: [")
+    with pytest.raises(ConfigError, match=r"cell\.yaml: not valid YAML") as err:
+        load_config(bad)
+    assert "<unicode string>" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"override 'fl\.rounds=\[1': not valid YAML"):
+        load_config(None, ["fl.rounds=[1"])

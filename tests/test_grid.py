@@ -96,6 +96,16 @@ def test_resume_failed_capture_and_interrupt(tiny_root, tmp_path, monkeypatch):
     assert cell_status(out, cells[1].key) == "done"
     assert (out / "cells" / cells[0].key / "record.json").stat().st_mtime_ns == first_record
 
+    # a record or status cut short by a crash counts as missing (recomputed), never as done
+    record = out / "cells" / cells[0].key / "record.json"
+    record.write_text(record.read_text()[:40])
+    (out / "cells" / cells[2].key / "status.json").write_text('{"status": "fai')
+    assert cell_status(out, cells[0].key) == "pending" and cell_status(out, cells[2].key) == "pending"
+    from benchmarks.report import load_results
+
+    table = load_results(out)[0].set_index("key")["status"]
+    assert table[cells[0].key] == "pending" and table[cells[1].key] == "done"
+
 
 def test_not_applicable_cells_are_recorded(tiny_root, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
