@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
-from fl_core.config import CellConfig, load_config
+from fl_core.config import CellConfig, ConfigError, load_config
 from fl_core.registry import import_plugins
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -29,3 +30,16 @@ def cell_config(args: argparse.Namespace) -> CellConfig:
     if args.device:
         overrides.append(f"runtime.device={args.device}")
     return load_config(args.config or CONFIG_DIR / "cell.yaml", overrides)
+
+
+def writable_folder(path: str | Path) -> Path:
+    """Create ``path`` (with parents) and check that a file can be written in it, before any compute;
+    a ConfigError says why not (a file in the way, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output folder {str(path)!r} is not writable: {err.strerror or err}") from err
+    return path

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.cli import CONFIG_DIR
+from benchmarks.cli import CONFIG_DIR, writable_folder
 from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
 from fl_core.registry import import_plugins
 
@@ -412,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_grid_path(args.preset, args.config)
         spec = load_grid(path)
         cells = select(expand(spec, args.scale, tuple(overrides)), args.only)
+        out = Path(args.out or Path("runs") / f"{spec.name}-{args.scale}")
+        if not args.dry_run:
+            writable_folder(out)
     except (ConfigError, ImportError, KeyError) as err:
         parser.exit(2, f"config error: {err}\n")
-    out = Path(args.out or Path("runs") / f"{spec.name}-{args.scale}")
     statuses = [cell_status(out, c.key) for c in cells]
     todo = [c for c, s in zip(cells, statuses) if s not in ("done", "n/a")]
     estimate = sum(estimate_seconds(c.config) for c in todo) / max(1, args.jobs)
@@ -427,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
             text = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
             print(f"  {cell.key}  {status:8s} ~{estimate_seconds(cell.config):5.0f} s  {text}")
         return 0
-    out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.grid " + " ".join(argv if argv is not None else sys.argv[1:])
     write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip())
     started = time.time()

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.cli import add_cell_arguments, cell_config
+from benchmarks.cli import add_cell_arguments, cell_config, writable_folder
 from fl_core.config import ConfigError
 
 
@@ -18,14 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = cell_config(args)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        out = writable_folder(args.out or Path("runs") / "cells" / cfg.key())
     except (ConfigError, KeyError, ImportError) as err:
         parser.exit(2, f"config error: {err}\n")
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
     from fl_core.fl import run_cell
 
-    out = Path(args.out or Path("runs") / "cells" / cfg.key())
     record = run_cell(cfg, out)
     m = record["metrics"]
     print(f"ACC {m['acc']:.2f}  ASR {m['asr']:.2f}  RA {m['ra']:.2f}  "

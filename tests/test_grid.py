@@ -192,3 +192,16 @@ def test_only_subsets_accumulate_in_one_folder_with_their_commands(tiny_root, tm
     tables = (out / "tables.md").read_text()
     assert "Commands (" in tables and tables.count("attack.name=") >= 2
     assert len(pd.read_csv(out / "cells.csv")) == 2
+
+
+def test_an_unwritable_output_folder_is_refused_before_compute(tmp_path, capsys):
+    from benchmarks import run as run_mod
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for tool, argv in ((main, ["--preset", "smoke", "--out", str(blocker / "out")]),
+                       (run_mod.main, ["--out", str(blocker)])):
+        with pytest.raises(SystemExit) as err:
+            tool(argv)
+        assert err.value.code == 2
+        assert "not writable" in capsys.readouterr().err
