@@ -359,6 +359,27 @@ def _check_optim(o: OptimConfig, key: str) -> None:
     _check(o.schedule in SCHEDULES, f"{key}.schedule", f"{o.schedule!r} unknown; valid: {', '.join(SCHEDULES)}")
 
 
+SCALARS = (bool, int, float, str)
+
+
+def check_param_types(cls: type, params: dict[str, Any], where: str) -> None:
+    """Check plugin parameters against the scalar annotations (``int``, ``float``, ``bool``, ``str``,
+    optionally ``| None``) of ``cls.__init__`` and its bases' before anything runs; others pass."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            try:
+                hints.update(typing.get_type_hints(vars(klass)["__init__"]))
+            except (NameError, TypeError):  # an annotation that does not resolve: nothing to check
+                continue
+    for name, value in params.items():
+        hint = hints.get(name)
+        args = set(typing.get_args(hint)) - {type(None)} if typing.get_origin(hint) in (typing.Union, types.UnionType) \
+            else {hint}
+        if len(args) == 1 and next(iter(args)) in SCALARS:
+            _convert(hint, value, f"{where}.{name}")  # raises a ConfigError naming the key; value kept as given
+
+
 def validate(cfg: CellConfig) -> CellConfig:
     """Resolve setting defaults and check every value and name before any compute."""
     from fl_core import data as data_mod
@@ -431,9 +452,12 @@ def validate(cfg: CellConfig) -> CellConfig:
         raise ConfigError(f"backdoor.trigger: {err}") from err
     for key, registry, plugin in (("attack", attacks.ATTACKS, cfg.attack), ("defense", defenses.DEFENSES, cfg.defense)):
         try:
-            instance = registry.get(plugin.name)(**plugin.params)
+            cls = registry.get(plugin.name)
         except KeyError as err:
             raise ConfigError(f"{key}.name: {err.args[0]}") from err
+        check_param_types(cls, plugin.params, f"{key}.params")
+        try:
+            instance = cls(**plugin.params)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}.params: {err}") from err
         # every parameter explicit (defaults filled in), so equal cells hash equally

@@ -89,3 +89,15 @@ def test_malformed_yaml_names_the_file_or_override(tmp_path):
     assert "<unicode string>" not in str(err.value)
     with pytest.raises(ConfigError, match=r"override 'fl\.rounds=\[1': not valid YAML"):
         load_config(None, ["fl.rounds=[1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("defense.params.num_byzantine=abc", "defense.params.num_byzantine"),
+    ("attack.params.num_malicious=1.5", "attack.params.num_malicious"),
+    ("attack.params.poison_rate='0.5'", "attack.params.poison_rate"),
+])
+def test_plugin_parameters_are_type_checked_before_compute(override, key):
+    plugin = ["defense.name=krum"] if override.startswith("defense") else ["attack.name=badnets"]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": expected"):
+        load_config(None, plugin + [override])
+    assert load_config(None, ["attack.name=badnets", "attack.params.poison_rate=1"]).attack.params["poison_rate"] == 1
