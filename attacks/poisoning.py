@@ -91,8 +91,15 @@ class ClientAttack(Attack):
     def local_epochs(self, client_id: int, benign_epochs: int) -> int:
         return self.epochs or benign_epochs
 
+    def _count(self, num_clients: int) -> int:
+        return self.num_malicious if self.malicious_fraction is None else round(self.malicious_fraction * num_clients)
+
+    def check(self, cfg) -> None:
+        if self._count(cfg.fl.num_clients) > cfg.fl.num_clients:
+            raise ValueError(f"num_malicious {self._count(cfg.fl.num_clients)} > fl.num_clients {cfg.fl.num_clients}")
+
     def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
-        m = self.num_malicious if self.malicious_fraction is None else round(self.malicious_fraction * num_clients)
+        m = self._count(num_clients)
         if m > num_clients:
             raise ValueError(f"{m} malicious clients > {num_clients} clients")
         self._malicious = sorted(numpy_rng(seed, "malicious").choice(num_clients, m, replace=False).tolist())

@@ -24,8 +24,8 @@ class PatchTrigger:
     local = True  # pasted pixels: augmentation pastes them again after cropping (fl_core.modules)
 
     def __init__(self, size: int = 3, position: str = "bottom-right", pattern: str = "white", margin: int = 0):
-        if size < 1:
-            raise ValueError(f"patch size must be >= 1, got {size}")
+        if size < 1 or margin < 0:
+            raise ValueError(f"patch size must be >= 1 and margin >= 0, got size {size}, margin {margin}")
         if position not in CORNERS:
             raise ValueError(f"patch position {position!r} unknown; valid: {', '.join(CORNERS)}")
         if pattern not in ("white", "black", "checkerboard"):

@@ -17,8 +17,32 @@ def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set fl.rounds=3 (repeatable)")
     parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
     parser.add_argument("--device", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import a module that registers attacks/defenses/models (repeatable)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    add_budget_argument(parser)
+
+
+PLUGIN_HELP = ("import MODULE (it runs) before the config is checked, so that the attacks / defenses / models it "
+               "registers can be named (repeatable); installed plugins load through entry points only when named")
+DEFAULT_MAX_HOURS = 24.0
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-hours", type=float, default=DEFAULT_MAX_HOURS,
+                        help=f"refuse a cell whose rough CPU estimate exceeds this (default {DEFAULT_MAX_HOURS:g})")
+
+
+def check_budget(configs: list[CellConfig], max_hours: float) -> None:
+    """A ConfigError, with the estimate, when a cell would run longer than ``max_hours`` (a typo such as
+    ``fl.rounds=100000`` is caught before it occupies the machine for months)."""
+    from benchmarks.grid import estimate_seconds
+
+    if max_hours <= 0:
+        raise ConfigError(f"--max-hours must be > 0, got {max_hours}")
+    worst = max(configs, key=estimate_seconds, default=None)
+    if worst is not None and estimate_seconds(worst) > max_hours * 3600:
+        raise ConfigError(f"a cell ({worst.fl.rounds} rounds, {worst.fl.local_epochs} local epochs, model "
+                          f"{worst.model.name}) is estimated at {estimate_seconds(worst) / 3600:.1f} h > --max-hours "
+                          f"{max_hours:g}; raise --max-hours if that is intended")
 
 
 def cell_config(args: argparse.Namespace) -> CellConfig:

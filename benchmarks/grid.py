@@ -19,15 +19,20 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from annotated_types import Len
+from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from benchmarks.cli import CONFIG_DIR, writable_folder
+from benchmarks.cli import CONFIG_DIR, PLUGIN_HELP, add_budget_argument, check_budget, writable_folder
 from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
 from fl_core.registry import import_plugins
+from fl_core.storage import Claim, read_json, write_json
 
 GRID_DIR = CONFIG_DIR / "grids"
+GRID_KEYS = ("description", "base", "scales", "axes", "exclude", "include")
 EXECUTORS = ("local", "process", "ray")
 
 
@@ -46,7 +51,7 @@ class Cell:
 @dataclass
 class GridSpec:
     name: str
-    description: str = ""
+    description: Annotated[str, Strict()] = ""
     base: dict = field(default_factory=dict)
     scales: dict[str, dict] = field(default_factory=dict)
     axes: dict[str, list] = field(default_factory=dict)
@@ -58,33 +63,70 @@ def presets() -> list[str]:
     return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
 
 
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class GridFile:
+    """The shape of a grid YAML file (types checked by pydantic before anything is expanded)."""
+
+    description: Annotated[str, Strict()] = ""
+    base: dict | str = field(default_factory=dict)  # a cell config, or a cell YAML's file name
+    scales: dict[str, dict | None] | str = field(default_factory=dict)  # or another grid file's name
+    axes: dict[str, Annotated[list, Len(min_length=1)]] = field(default_factory=dict)
+    exclude: list[dict] = field(default_factory=list)
+    include: list[dict] = field(default_factory=list)
+
+
 def load_grid(path: str | Path) -> GridSpec:
     """Read a grid YAML; ``base`` may name a cell YAML (relative to the grid file or configs/)."""
     path = Path(path)
-    raw = load_yaml(path)
-    known = {"description", "base", "scales", "axes", "exclude", "include"}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(known))}")
-    base = raw.get("base") or {}
+    raw = {k: v for k, v in load_yaml(path).items() if v is not None}
+    try:
+        grid = TypeAdapter(GridFile).validate_python(raw)
+    except ValidationError as err:
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if '[' not in str(p)) or 'top level'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(problems) + f"; valid keys: {', '.join(GRID_KEYS)}") from None
+    base = grid.base
     if isinstance(base, str):
         candidates = [path.parent / base, CONFIG_DIR / base]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise ConfigError(f"{path}: base config {base!r} not found (looked at {', '.join(map(str, candidates))})")
         base = load_yaml(found)
-    scales = raw.get("scales") or {}
+    scales = grid.scales
     if isinstance(scales, str):  # reuse the scales of another grid file
         other = path.parent / scales
         if not other.is_file():
             raise ConfigError(f"{path}: scales {scales!r} names no grid file beside it")
-        scales = load_yaml(other).get("scales") or {}
-    axes = raw.get("axes") or {}
-    for name, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: axis {name!r} must be a non-empty list")
-    return GridSpec(path.stem, raw.get("description", ""), base, scales, axes,
-                    raw.get("exclude") or [], raw.get("include") or [])
+        scales = load_grid(other).scales
+    spec = GridSpec(path.stem, grid.description, base, {k: v or {} for k, v in scales.items()}, grid.axes,
+                    grid.exclude, grid.include)
+    check_rules(spec, path)
+    return spec
+
+
+def check_rules(spec: GridSpec, where: Path | str) -> None:
+    """Every ``exclude`` / ``include`` key must be an axis or a cell config key: a misspelled key would
+    silently match nothing."""
+    known = config_keys()
+    for kind, rules in (("exclude", spec.exclude), ("include", spec.include)):
+        for rule in rules:
+            for key in rule:
+                if key not in spec.axes and not any(key == k or key.startswith(k + ".") for k in known):
+                    raise ConfigError(f"{where}: {kind} rule key {key!r} is neither an axis "
+                                      f"({', '.join(spec.axes) or 'none'}) nor a cell config key")
+
+
+def config_keys() -> set[str]:
+    """Dotted names of every cell config field (a dict field's keys below it are free)."""
+    out: set[str] = set()
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            out.add(prefix + k)
+            if isinstance(v, dict) and v:
+                walk(v, prefix + k + ".")
+
+    walk(CellConfig().to_dict(), "")
+    return out
 
 
 def resolve_grid_path(preset: str | None, config: str | None) -> Path:
@@ -146,6 +188,8 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = ()) 
     """All cells of ``spec`` at ``scale``, validated (errors name the cell) and deduplicated by key."""
     if spec.scales and scale not in spec.scales:
         raise ConfigError(f"grid {spec.name!r} has no scale {scale!r}; valid: {', '.join(spec.scales)}")
+    if not spec.scales and scale != "cpu":
+        raise ConfigError(f"grid {spec.name!r} defines no scales; --scale {scale} would change nothing")
     base = deep_merge(spec.base, spec.scales.get(scale) or {})
     names = list(spec.axes)
     combos = [dict(zip(names, values)) for values in itertools.product(*spec.axes.values())] if names else [{}]
@@ -197,18 +241,6 @@ def cell_dir(out: Path, key: str) -> Path:
     return out / "cells" / key
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None when it is missing or does not parse (cut short by a crash or a
-    full disk): such a file counts as absent, so its cell is computed again; a warning names it."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        print(f"warning: {path} is not valid JSON (truncated?); treated as missing", file=sys.stderr)
-        return None
-
-
 def cell_status(out: Path, key: str) -> str:
     """``done``, ``n/a`` (not applicable), ``failed`` or ``pending``."""
     folder = cell_dir(out, key)
@@ -218,13 +250,6 @@ def cell_status(out: Path, key: str) -> str:
     return status["status"] if status is not None else "pending"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def execute_cell(cell_config: dict, out: str, plugins: tuple[str, ...] = (), threads: int | None = None) -> dict:
     """Run one cell in this process and record its outcome on disk; returns a short status dict.
 
@@ -232,14 +257,23 @@ def execute_cell(cell_config: dict, out: str, plugins: tuple[str, ...] = (), thr
     """
     import torch
 
-    from fl_core.fl import DivergedError, run_cell
-
     import_plugins(list(plugins))
     if threads:
         torch.set_num_threads(threads)
     cfg = validate(from_dict(CellConfig, cell_config))
     folder = cell_dir(Path(out), cfg.key())
-    folder.mkdir(parents=True, exist_ok=True)
+    claim = Claim(folder / "claim.json")
+    if not claim.acquire():  # another runner computes it now
+        return {"key": cfg.key(), "status": "elsewhere", "seconds": 0.0}
+    with claim:
+        if cell_status(Path(out), cfg.key()) in ("done", "n/a"):  # finished by another runner meanwhile
+            return {"key": cfg.key(), "status": "elsewhere", "seconds": 0.0}
+        return _compute_cell(cfg, folder)
+
+
+def _compute_cell(cfg: CellConfig, folder: Path) -> dict:
+    from fl_core.fl import DivergedError, run_cell
+
     (folder / "status.json").unlink(missing_ok=True)
     started = time.time()
     with open(folder / "log.txt", "a") as log_file:
@@ -262,7 +296,7 @@ def execute_cell(cell_config: dict, out: str, plugins: tuple[str, ...] = (), thr
         log(f"{outcome['status']}: {outcome.get('reason') or outcome.get('error')}")
         if "traceback" in outcome:
             log(outcome["traceback"])
-        _write_json(folder / "status.json", {"key": cfg.key(), **outcome})
+        write_json(folder / "status.json", {"key": cfg.key(), **outcome})
         return {"key": cfg.key(), "seconds": time.time() - started, **outcome}
 
 
@@ -347,7 +381,7 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
     entries = {c["key"]: c for c in previous if json.dumps(c["labels"], sort_keys=True) not in current}
     for cell in cells:
         entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
-    _write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
+    write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
                        "axes": list(spec.axes), "overrides": list(overrides), "commands": commands,
                        "cells": list(entries.values())})
 
@@ -358,7 +392,7 @@ def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int
     from tqdm.auto import tqdm
 
     todo = [c for c in cells if cell_status(out, c.key) not in ("done", "n/a")]
-    counts = {"skipped": len(cells) - len(todo), "done": 0, "failed": 0, "n/a": 0}
+    counts = {"skipped": len(cells) - len(todo), "done": 0, "failed": 0, "n/a": 0, "elsewhere": 0}
     bar = tqdm(total=len(todo), desc="grid", unit="cell", disable=not progress)
 
     def on_done(cell: Cell, result: dict) -> None:
@@ -367,14 +401,26 @@ def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int
         text = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
         if result["status"] == "done":
             bar.write(f"done   [{text}] ACC {result['acc']:.2f} ASR {result['asr']:.2f} ({result['seconds']:.0f} s)")
+        elif result["status"] == "elsewhere":
+            bar.write(f"skip   [{text}] another runner holds or finished it")
         else:
             bar.write(f"{result['status']:6s} [{text}] {result.get('reason') or result.get('error')}")
 
     try:
         RUNNERS[executor](todo, out, plugins, jobs, on_done, **executor_options)
-    finally:
+    except KeyboardInterrupt:
         bar.close()
+        raise Interrupted(counts) from None
+    bar.close()
     return counts
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a grid; carries the counts of the cells finished before it."""
+
+    def __init__(self, counts: dict[str, int]):
+        super().__init__()
+        self.counts = counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray GPU request per cell")
     parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
     parser.add_argument("--device", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import a module that registers attacks/defenses/models (repeatable)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
+    add_budget_argument(parser)
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -413,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_grid(path)
         cells = select(expand(spec, args.scale, tuple(overrides)), args.only)
         out = Path(args.out or Path("runs") / f"{spec.name}-{args.scale}")
+        check_budget([c.config for c in cells], args.max_hours)
         if not args.dry_run:
             writable_folder(out)
     except (ConfigError, ImportError, KeyError) as err:
@@ -435,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = run_grid(cells, out, executor=args.executor, jobs=args.jobs, plugins=tuple(args.plugin),
                           address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished cells are kept; rerun the same command to resume", file=sys.stderr)
+    except Interrupted as stop:
+        print(f"\ninterrupted: {stop.counts['done']} cell(s) done in this run, {stop.counts['skipped']} before; "
+              "nothing half-written is kept; rerun the same command to resume", file=sys.stderr)
         return 130
     print(f"grid finished in {(time.time() - started) / 60:.1f} min: {counts}")
     if not args.no_report:

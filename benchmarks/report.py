@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.grid import read_json, recorded_commands
+from benchmarks.grid import recorded_commands
+from fl_core.storage import read_json
 from fl_core.config import CellConfig, from_dict
 
 METRICS = ("acc", "asr", "ra")
@@ -39,7 +40,9 @@ def _key_with(config: dict, **sections) -> str:
 
 def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(cells, rounds, grid manifest) of a grid output folder."""
-    grid = json.loads((out / "grid.json").read_text())
+    grid = read_json(out / "grid.json")
+    if grid is None:
+        raise FileNotFoundError(f"{out / 'grid.json'} is missing or damaged: rerun the grid command to rewrite it")
     rows, round_rows = [], []
     for cell in grid["cells"]:
         folder = out / "cells" / cell["key"]
@@ -60,7 +63,7 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         row["clean_key"] = _key_with(cell["config"], attack={"name": "none", "params": {}})
         row["undefended_key"] = _key_with(cell["config"], defense={"name": "none", "params": {}})
         rows.append(row)
-    cells = pd.DataFrame(rows)
+    cells = pd.DataFrame(rows, columns=None if rows else ["key", "status", "clean_key", "undefended_key"])
     for m in METRICS:
         if m not in cells:
             cells[m] = float("nan")
@@ -210,7 +213,9 @@ def write_report(out: str | Path) -> list[Path]:
     if not failed.empty:
         md += ["## Failed or not applicable cells", ""]
         for _, row in failed.iterrows():
-            md.append(f"- `{row['key']}` {row['status']}: {row.get('reason') or row.get('error')}")
+            why = next((str(row.get(k)) for k in ("reason", "error") if isinstance(row.get(k), str) and row.get(k)),
+                       "no reason recorded")
+            md.append(f"- `{row['key']}` {row['status']}: {why}")
         md.append("")
     (out / "tables.md").write_text("\n".join(md))
     (out / "tables.tex").write_text("\n".join(tex))

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.cli import add_cell_arguments, cell_config, writable_folder
-from fl_core.config import ConfigError
+from benchmarks.cli import add_cell_arguments, cell_config, check_budget, writable_folder
+from fl_core.config import ConfigError, config_schema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,18 +15,27 @@ def main(argv: list[str] | None = None) -> int:
     add_cell_arguments(parser)
     parser.add_argument("--out", help="output folder (default: runs/cells/<config hash>)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of a cell config and exit")
     args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     try:
         cfg = cell_config(args)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
+        check_budget([cfg], args.max_hours)
         out = writable_folder(args.out or Path("runs") / "cells" / cfg.key())
     except (ConfigError, KeyError, ImportError) as err:
         parser.exit(2, f"config error: {err}\n")
     from fl_core.fl import run_cell
 
-    record = run_cell(cfg, out)
+    try:
+        record = run_cell(cfg, out)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing of this cell was kept; rerun the same command", file=sys.stderr)
+        return 130
     m = record["metrics"]
     print(f"ACC {m['acc']:.2f}  ASR {m['asr']:.2f}  RA {m['ra']:.2f}  "
           f"({record['wall_seconds']:.0f} s) -> {out / 'record.json'}")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fl_core.seeding import numpy_rng, torch_generator
+from fl_core.storage import load_tensors, read_json, save_tensors, tensor_digest, warn, write_json
 
 DATA_ROOT_ENV = "FMFL_DATA_ROOT"
 # Known names -> torchvision class name and folders that hold the torchvision / idx layout.
@@ -209,13 +210,71 @@ def _locate(name: str, root: Path, download: bool):
         + f"\nSet the data root with --data-root or ${DATA_ROOT_ENV}.")
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What validation needs to know about a dataset before anything is decoded."""
+
+    classes: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    train_size: int
+    test_size: int
+
+
+# facts of the torchvision datasets, so that checking a config never has to decode one
+KNOWN_FACTS = {
+    "cifar10": DatasetFacts(10, (3, 32, 32), 50000, 10000),
+    "cifar100": DatasetFacts(100, (3, 32, 32), 50000, 10000),
+    "fashion_mnist": DatasetFacts(10, (1, 28, 28), 60000, 10000),
+    "mnist": DatasetFacts(10, (1, 28, 28), 60000, 10000),
+}
+
+
+def _cache_files(name: str, root: Path, cache_dir: str | os.PathLike | None) -> tuple[Path, Path]:
+    cache = Path(cache_dir) if cache_dir else root / "cache"
+    return cache / "datasets" / f"{name}.pt", cache / "datasets" / f"{name}.json"
+
+
+def dataset_facts(name: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                  download: bool = False) -> DatasetFacts:
+    """Class count, image shape and split sizes of ``name`` without decoding it (the tensor cache's
+    sidecar, the known table, or a listing of an ImageFolder tree and one image header). Raises
+    FileNotFoundError, naming every place looked at, when the dataset cannot be found."""
+    root = resolve_data_root(root)
+    _, meta_file = _cache_files(name, root, cache_dir)
+    meta = read_json(meta_file)
+    if meta is not None and "facts" in meta:
+        f = meta["facts"]
+        return DatasetFacts(f["classes"], tuple(f["shape"]), f["train_size"], f["test_size"])
+    source, _ = _locate(name, root, download)
+    if not source.startswith("imagefolder:"):
+        return KNOWN_FACTS[name]
+    from PIL import Image
+
+    tree = root / name
+    counts = []
+    for split in ("train", "test"):
+        files = [p for d in sorted((tree / split).iterdir()) if d.is_dir() for p in d.iterdir()
+                 if p.suffix.lower() in IMAGE_SUFFIXES]
+        counts.append(len(files))
+    classes = [p for p in (tree / "train").iterdir() if p.is_dir()]
+    first = next(p for d in sorted(classes) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES)
+    with Image.open(first) as img:
+        width, height = img.size
+    return DatasetFacts(len(classes), (3, height, width), counts[0], counts[1])
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  download: bool = False) -> Dataset:
-    """Load ``name`` from the tensor cache, decoding it there first if needed."""
+    """Load ``name`` from the tensor cache, decoding it there first if needed (or again if the cache is
+    damaged or does not match its sidecar's content hash)."""
     root = resolve_data_root(root)
-    cache = Path(cache_dir) if cache_dir else root / "cache"
-    cache_file = cache / "datasets" / f"{name}.pt"
-    if not cache_file.is_file():
+    cache_file, meta_file = _cache_files(name, root, cache_dir)
+    meta = read_json(meta_file)
+    blob = load_tensors(cache_file) if meta is not None else None
+    if blob is not None and tensor_digest(blob["train_images"], blob["test_images"]) != meta.get("content_sha256"):
+        warn(f"{cache_file} does not match the content hash in {meta_file}; decoding the dataset again")
+        blob = None
+    if blob is None:
         source, loader = _locate(name, root, download)
         train, test = loader()
         x = train.images.float() / 255.0
@@ -225,11 +284,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: st
             "classes": list(train.classes), "source": source,
             "mean": x.mean(dim=(0, 2, 3)).tolist(), "std": x.std(dim=(0, 2, 3)).tolist(),
         }
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        os.replace(tmp, cache_file)
-    blob = torch.load(cache_file, weights_only=True)
+        save_tensors(cache_file, blob)  # tensors first, sidecar last: a sidecar means complete
+        facts = {"classes": len(train.classes), "shape": list(train.images.shape[1:]), "train_size": len(train),
+                 "test_size": len(test)}
+        write_json(meta_file, {"source": source, "facts": facts,
+                               "content_sha256": tensor_digest(train.images, test.images)})
     classes = list(blob["classes"])
     return Dataset(
         name=name,

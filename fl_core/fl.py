@@ -6,7 +6,6 @@ per-round curves, timings, versions); ``prepare(cfg)`` builds the data side only
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -29,6 +28,7 @@ from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.models import build_model
 from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit
 from fl_core.seeding import derive_seed, numpy_rng
+from fl_core.storage import save_tensors, write_json
 from fl_core.synthetic import SyntheticRequest, synthetic_set
 
 
@@ -329,11 +329,8 @@ def _progress(cfg: CellConfig):
 def save_cell(record: dict, models: list[nn.Module], out_dir: Path, defense_state: dict | None = None) -> None:
     """Write the final global model(s), the defense's learned state and ``record.json`` (last, atomically:
     its presence means done)."""
-    (out_dir / "models").mkdir(parents=True, exist_ok=True)
     for p, model in enumerate(models):
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out_dir / "models" / f"prototype{p}.pt")
+        save_tensors(out_dir / "models" / f"prototype{p}.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     if defense_state:
-        torch.save({k: v.cpu() for k, v in defense_state.items()}, out_dir / "models" / "defense.pt")
-    tmp = out_dir / f"record.json.tmp{os.getpid()}"  # one name per writer: no two processes share it
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_dir / "record.json")
+        save_tensors(out_dir / "models" / "defense.pt", {k: v.cpu() for k, v in defense_state.items()})
+    write_json(out_dir / "record.json", record)

@@ -83,6 +83,10 @@ class Attack:
     def bind(self, backdoor, trigger, fm=None) -> None:
         self.backdoor, self.trigger, self.fm = backdoor, trigger, fm
 
+    def check(self, cfg) -> None:
+        """Raise ValueError when this plugin cannot run on the resolved cell config ``cfg`` (called by the
+        config check, before any compute); the default accepts every cell."""
+
     def malicious_clients(self, num_clients: int, seed: int) -> list[int]:
         return []
 
@@ -121,6 +125,10 @@ class Defense:
     name: ClassVar[str] = "none"
     consumes: ClassVar[frozenset[str]] = frozenset()  # subset of {"updates", "synthetic"}
     parameter_space: ClassVar[bool] = False  # compares parameters across clients (same architecture only)
+
+    def check(self, cfg) -> None:
+        """Raise ValueError when this plugin cannot run on the resolved cell config ``cfg`` (called by the
+        config check, before any compute); the default accepts every cell."""
 
     def before_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> None:
         """Called before the clients receive a copy of the global model."""

@@ -68,6 +68,9 @@ def small_cnn(spec: ModelSpec, in_channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
 
+small_cnn.knobs = ("width", "depth")  # the ModelSpec fields a factory reads (checked by the config)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -105,10 +108,16 @@ def resnet8(spec: ModelSpec, in_channels: int, num_classes: int) -> nn.Module:
     return cifar_resnet([1, 1, 1], [64, 128, 256], spec, in_channels, num_classes)
 
 
+resnet8.knobs = ("width",)
+
+
 @MODELS.register("resnet18")
 def resnet18(spec: ModelSpec, in_channels: int, num_classes: int) -> nn.Module:
     """CIFAR ResNet-18: four stages of two basic blocks (64-128-256-512 channels times ``width``)."""
     return cifar_resnet([2, 2, 2, 2], [64, 128, 256, 512], spec, in_channels, num_classes)
+
+
+resnet18.knobs = ("width",)
 
 
 def timm_model(model_name: str, spec: ModelSpec, in_channels: int, num_classes: int) -> nn.Module:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 
 import lightning as L
@@ -147,10 +148,19 @@ class FusionModule(_Stage):
 
 def fit(module: L.LightningModule, loader, accelerator: str, *, max_epochs: int = 1, max_steps: int = -1,
         callbacks: list | None = None) -> None:
-    """Run a quiet Lightning Trainer (no logger, checkpoints or progress bar) on ``module``."""
+    """Run a quiet Lightning Trainer (no logger, checkpoints or progress bar) on ``module``.
+
+    Lightning turns Ctrl-C into ``sys.exit(1)`` and ignores SIGINT from then on; here it stays a
+    KeyboardInterrupt (and Ctrl-C works again), so callers can stop cleanly and say so."""
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=callbacks or [],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt from None
+        raise

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from fl_core.config import DDPMConfig, SyntheticConfig
 from fl_core.data import Dataset, ImageData, batch_loader, to_float
 from fl_core.registry import Registry
 from fl_core.seeding import derive_seed, numpy_rng, torch_generator
+from fl_core.storage import load_tensors, read_json, save_tensors, tensor_digest, warn, write_json
 
 
 @dataclass
@@ -53,9 +53,7 @@ def balanced_counts(size: int, num_classes: int) -> list[int]:
 
 
 def content_hash(data: ImageData) -> str:
-    digest = hashlib.sha256(data.images.cpu().numpy().tobytes())
-    digest.update(data.labels.cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return tensor_digest(data.images, data.labels)
 
 
 @PROVIDERS.register("heldout")
@@ -251,20 +249,21 @@ def synthetic_set(req: SyntheticRequest) -> tuple[ImageData, dict]:
 def cached_images(folder: Path, classes: list[str], make: Callable[[], ImageData],
                   settings: dict) -> tuple[ImageData, dict]:
     """``make()``'s images and labels, saved under ``folder`` with a manifest (``settings`` plus size and
-    content hash) the first time and loaded from there afterwards; returns (data, manifest)."""
+    content hash) the first time and loaded from there afterwards; returns (data, manifest). A cached set
+    that does not load or whose content hash differs from its manifest's is made again (warning)."""
     data_file, manifest_file = folder / "data.pt", folder / "manifest.json"
-    if data_file.is_file() and manifest_file.is_file():
-        blob = torch.load(data_file, weights_only=True)
-        return ImageData(blob["images"], blob["labels"], classes), json.loads(manifest_file.read_text())
+    manifest = read_json(manifest_file)
+    blob = load_tensors(data_file) if manifest is not None else None
+    if blob is not None:
+        data = ImageData(blob["images"], blob["labels"], classes)
+        if content_hash(data) == manifest.get("content_sha256"):
+            return data, manifest
+        warn(f"{data_file} does not match the content hash in {manifest_file}; making it again")
     data = make()
     manifest = {**settings, "size": len(data), "content_sha256": content_hash(data), "created": time.time()}
-    folder.mkdir(parents=True, exist_ok=True)  # data first, manifest last: a manifest means complete
-    tmp = data_file.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"images": data.images.cpu(), "labels": data.labels.cpu()}, tmp)
-    os.replace(tmp, data_file)
-    tmp = manifest_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_file)
+    # data first, manifest last: a manifest means complete
+    save_tensors(data_file, {"images": data.images.cpu(), "labels": data.labels.cpu()})
+    write_json(manifest_file, manifest)
     return data, manifest
 
 

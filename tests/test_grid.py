@@ -47,7 +47,7 @@ def test_expansion_exclude_include_labels_and_filters(tiny_root, tmp_path):
 
 def test_invalid_cells_fail_before_compute_naming_the_cell(tiny_root, tmp_path):
     spec = _spec(tiny_root, tmp_path, {"fl.rounds": [1, 0]})
-    with pytest.raises(ConfigError, match=r"grid cell \{'fl.rounds': '0'\}: fl.rounds: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"grid cell \{'fl.rounds': '0'\}: config.fl.rounds: Input should be greater than or equal to 1"):
         expand(spec)
     with pytest.raises(ConfigError, match="has no scale 'paper'; valid: cpu"):
         expand(_spec(tiny_root, tmp_path, {"seed": [0]}), scale="paper")
