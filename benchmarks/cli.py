@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,25 @@ def add_cell_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda[:N]")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
     add_budget_argument(parser)
+    add_stage_cache_argument(parser)
+
+
+def add_stage_cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-stage-cache", action="store_true",
+                        help="recompute every stage instead of reusing pre-trained / round-1 client models of "
+                             "cells with the same inputs (runtime.stage_cache=false)")
+
+
+def runtime_overrides(args: argparse.Namespace) -> list[str]:
+    """``--data-root``, ``--device`` and ``--no-stage-cache`` as config overrides."""
+    out = []
+    if args.data_root:
+        out.append(f"runtime.data_root={os.path.abspath(args.data_root)}")
+    if args.device:
+        out.append(f"runtime.device={args.device}")
+    if args.no_stage_cache:
+        out.append("runtime.stage_cache=false")
+    return out
 
 
 PLUGIN_HELP = ("import MODULE (it runs) before the config is checked, so that the attacks / defenses / models it "
@@ -48,12 +68,7 @@ def check_budget(configs: list[CellConfig], max_hours: float) -> None:
 def cell_config(args: argparse.Namespace) -> CellConfig:
     """Plugins imported, then the YAML + overrides resolved and validated (before any compute)."""
     import_plugins(args.plugin)
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.append(f"runtime.data_root={args.data_root}")
-    if args.device:
-        overrides.append(f"runtime.device={args.device}")
-    return load_config(args.config or CONFIG_DIR / "cell.yaml", overrides)
+    return load_config(args.config or CONFIG_DIR / "cell.yaml", list(args.overrides) + runtime_overrides(args))
 
 
 def writable_folder(path: str | Path) -> Path:

@@ -26,7 +26,8 @@ from annotated_types import Len
 from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from benchmarks.cli import CONFIG_DIR, PLUGIN_HELP, add_budget_argument, check_budget, writable_folder
+from benchmarks.cli import (CONFIG_DIR, PLUGIN_HELP, add_budget_argument, add_stage_cache_argument, check_budget,
+                            runtime_overrides, writable_folder)
 from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
 from fl_core.registry import import_plugins
 from fl_core.storage import Claim, read_json, write_json
@@ -444,15 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="auto | cpu | cuda[:N]")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=PLUGIN_HELP)
     add_budget_argument(parser)
+    add_stage_cache_argument(parser)
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.exit(2, "config error: --jobs must be >= 1\n")
-    overrides = list(args.overrides) + ["runtime.progress=false"]
-    if args.data_root:
-        overrides.append(f"runtime.data_root={os.path.abspath(args.data_root)}")
-    if args.device:
-        overrides.append(f"runtime.device={args.device}")
+    overrides = list(args.overrides) + ["runtime.progress=false"] + runtime_overrides(args)
     try:
         import_plugins(args.plugin)
         path = resolve_grid_path(args.preset, args.config)

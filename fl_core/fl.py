@@ -6,6 +6,9 @@ per-round curves, timings, versions); ``prepare(cfg)`` builds the data side only
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import platform
@@ -23,12 +26,12 @@ from torch import nn
 from fl_core.config import CellConfig
 from fl_core.data import (Dataset, ImageData, load_dataset, partition, resolve_data_root, stratified_split,
                           training_loader)
-from fl_core.hooks import ClientUpdate, FusionPlan, ServerContext, State
+from fl_core.hooks import ClientUpdate, Defense, FusionPlan, ServerContext, State
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.models import build_model
 from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit
 from fl_core.seeding import derive_seed, numpy_rng
-from fl_core.storage import save_tensors, write_json
+from fl_core.storage import load_tensors, save_tensors, tensor_digest, write_json
 from fl_core.synthetic import SyntheticRequest, synthetic_set
 
 
@@ -151,6 +154,47 @@ class _Timer:
             self.seconds += time.perf_counter() - start
 
 
+class StageCache:
+    """Outputs of training stages that cells share (``<cache>/stages/<key>.pt``), keyed by a hash of
+    exactly what determines them: every input tensor's content and every setting the stage reads. A
+    defense, the rounds or the fusion settings do not enter the pre-training key, so the cells of a
+    grid that differ only there pre-train once; round 1's client training is shared the same way
+    while no defense acts before the clients train. Writes are atomic (safe under two runners)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder  # None: disabled
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def load(self, key: str) -> dict | None:
+        return load_tensors(self.folder / f"{key}.pt") if self.folder is not None else None
+
+    def save(self, key: str, blob: dict) -> None:
+        if self.folder is not None:
+            save_tensors(self.folder / f"{key}.pt", blob)
+
+
+def data_digest(data: ImageData) -> str:
+    """Content hash of a labelled set, including which samples carry a pasted trigger."""
+    mask = data.stamped.mask if data.stamped is not None else torch.zeros(0, dtype=torch.bool)
+    return tensor_digest(data.images, data.labels, mask)
+
+
+def model_digest(models: list[nn.Module]) -> str:
+    return tensor_digest(*[v for m in models for v in m.state_dict().values()])
+
+
+def cpu_state(model: nn.Module) -> State:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def training_settings(cfg: CellConfig, device: torch.device) -> list:
+    """What every training stage of a cell shares: seed, precision, device kind, augmentation, trigger."""
+    return [cfg.seed, cfg.precision, device.type, cfg.data.augment, dataclasses.asdict(cfg.backdoor)]
+
+
 def stamp_trigger(data: ImageData):
     """The trigger that augmentation must paste again on ``data``'s stamped samples (None: none)."""
     return data.stamped.trigger if data.stamped is not None else None
@@ -166,16 +210,25 @@ def initial_models(cfg: CellConfig, setup: Setup) -> list[nn.Module]:
     return models
 
 
-def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, accelerator: str) -> None:
-    """Pre-train every global model on the (possibly poisoned) synthetic set, if the config asks for it."""
+def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, setup: Setup, cache: StageCache) -> None:
+    """Pre-train every global model on the (possibly poisoned) synthetic set, if the config asks for it;
+    reused from the stage cache when the same initial models met the same data and settings before."""
     if not (cfg.pretrain.enabled and cfg.pretrain.epochs > 0):
+        return
+    key = cache.key("pretrain", model_digest(models), data_digest(data), dataclasses.asdict(cfg.pretrain),
+                    training_settings(cfg, setup.device))
+    blob = cache.load(key)
+    if blob is not None:
+        for model, state in zip(models, blob["models"]):
+            model.load_state_dict(state)
         return
     for p, model in enumerate(models):
         loader = training_loader(data, cfg.pretrain.optim.batch_size, derive_seed(cfg.seed, "pre", p), cfg.data.augment)
         fit(SupervisedModule(model, cfg.pretrain.optim, cfg.data.augment, derive_seed(cfg.seed, "pre-aug", p),
                              stamp_trigger(data)),
-            loader, accelerator, max_epochs=cfg.pretrain.epochs)
+            loader, setup.accelerator, max_epochs=cfg.pretrain.epochs, precision=cfg.precision)
         _check_finite(model, "pre-training")
+    cache.save(key, {"models": [cpu_state(m) for m in models]})
 
 
 def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=print) -> dict:
@@ -223,8 +276,11 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         rounds.append(row)
         return row
 
+    cache = StageCache(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None)
+    # round 1's client models depend on the defense only through before_round
+    shares_round1 = type(defense).before_round is Defense.before_round
     t0 = time.perf_counter()
-    pretrain(models, syn["pretrain"], cfg, acc)
+    pretrain(models, syn["pretrain"], cfg, setup, cache)
     pre = record_round(0, time.perf_counter() - t0, 0.0)
     log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
 
@@ -239,20 +295,30 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
                 defense.before_round(model, p, ctx)
         selected = attack.select_clients(sample_clients(n_clients, cfg.fl.clients_per_round, seed, r), r,
                                          n_clients, seed)
+        epochs = {cid: attack.local_epochs(cid, cfg.fl.local_epochs) if cid in malicious else cfg.fl.local_epochs
+                  for cid in selected}
+        round_key = cache.key("clients", r, model_digest(models), selected, [data_digest(clients[c]) for c in selected],
+                              epochs, malicious, attack.describe(), dataclasses.asdict(cfg.fl.client),
+                              training_settings(cfg, device)) if r == 1 and shares_round1 else None
+        trained = (cache.load(round_key) if round_key else None) or {}
+        fresh = {}
         for cid in selected:
             p = proto_of[cid]
             local = copy.deepcopy(models[p])
             data = clients[cid]
-            loader = training_loader(data, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid),
-                                     cfg.data.augment)
-            epochs, callbacks = cfg.fl.local_epochs, None
-            if cid in malicious:
-                epochs = attack.local_epochs(cid, epochs)
-                callbacks = attack.training_callbacks(cid, models[p], ctx)
-            with local_time():
-                fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid),
-                                     stamp_trigger(data)),
-                    loader, acc, max_epochs=epochs, callbacks=callbacks)
+            # asked even when cached: an attack may track the rounds it saw (Neurotoxin's mask)
+            callbacks = attack.training_callbacks(cid, models[p], ctx) if cid in malicious else None
+            if f"client{cid}" in trained:
+                local.load_state_dict(trained[f"client{cid}"])
+                local.train()
+            else:
+                loader = training_loader(data, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid),
+                                         cfg.data.augment)
+                with local_time():
+                    fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid),
+                                         stamp_trigger(data)),
+                        loader, acc, max_epochs=epochs[cid], callbacks=callbacks, precision=cfg.precision)
+                fresh[f"client{cid}"] = cpu_state(local)
             update = ClientUpdate(cid, p, len(data), local)
             if cid in malicious:
                 update = attack.poison_update(update, models[p], ctx)
@@ -260,6 +326,8 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
                 update = defense.filter_update(update, models[p], ctx)
             if update is not None:
                 updates.append(update)
+        if round_key and fresh:
+            cache.save(round_key, {**trained, **fresh})
         for p, model in enumerate(models):
             mine = [u for u in updates if u.prototype == p]
             if mine:
@@ -282,7 +350,7 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
                                                  steps=cfg.fusion.steps, targets=targets)
                         module = FusionModule(model, teachers, plan.teacher_weights, cfg.fusion,
                                               derive_seed(seed, "fusion-aug", r, p), trigger=stamp_trigger(plan.synthetic))
-                        fit(module, loader, acc, callbacks=plan.callbacks)
+                        fit(module, loader, acc, callbacks=plan.callbacks, precision=cfg.precision)
             with d_time():
                 models[p] = defense.after_round(model, p, ctx)
             _check_finite(models[p], f"round {r}")

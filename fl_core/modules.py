@@ -147,7 +147,7 @@ class FusionModule(_Stage):
 
 
 def fit(module: L.LightningModule, loader, accelerator: str, *, max_epochs: int = 1, max_steps: int = -1,
-        callbacks: list | None = None) -> None:
+        callbacks: list | None = None, precision: str = "32") -> None:
     """Run a quiet Lightning Trainer (no logger, checkpoints or progress bar) on ``module``.
 
     Lightning turns Ctrl-C into ``sys.exit(1)`` and ignores SIGINT from then on; here it stays a
@@ -155,7 +155,7 @@ def fit(module: L.LightningModule, loader, accelerator: str, *, max_epochs: int 
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks or [],
+        num_sanity_val_steps=0, callbacks=callbacks or [], precision=precision,
     )
     try:
         trainer.fit(module, train_dataloaders=loader)

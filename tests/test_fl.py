@@ -110,7 +110,8 @@ def test_two_round_smoke_run_writes_a_record(tiny_config, tmp_path):
 
 
 def test_same_config_and_seed_give_identical_metrics(tiny_config):
-    runs = [run_cell(tiny_config(), log=lambda *_: None) for _ in range(2)]
+    # stage cache off: both runs compute every stage (tests/test_stage_cache.py covers the cache)
+    runs = [run_cell(tiny_config(overrides=("runtime.stage_cache=false",)), log=lambda *_: None) for _ in range(2)]
     strip = lambda r: [{k: v for k, v in row.items() if "seconds" not in k} for row in r["rounds"]]  # noqa: E731
     assert strip(runs[0]) == strip(runs[1])
     other = run_cell(tiny_config(overrides=("seed=1",)), log=lambda *_: None)

@@ -1,0 +1,70 @@
+"""Stage caching: a cell that reuses another cell's pre-training and round-1 client models gives the same
+numbers to the last digit as one that computes them; any input the stage reads changes its key."""
+from __future__ import annotations
+
+import torch
+
+from fl_core.fl import run_cell
+
+
+def _metrics(record: dict) -> list[dict]:
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in record["rounds"]]
+
+
+def _entries(tmp_path) -> set[str]:
+    return {p.name for p in (tmp_path / "cache" / "stages").glob("*.pt")}
+
+
+def _run(tiny_config, tmp_path, name, extra=None, overrides=()):
+    record = run_cell(tiny_config(extra, overrides), tmp_path / name, log=lambda *_: None)
+    state = torch.load(tmp_path / name / "models" / "prototype0.pt", weights_only=True)
+    return record, state
+
+
+def _same(a, b) -> None:
+    (rec_a, state_a), (rec_b, state_b) = a, b
+    assert _metrics(rec_a) == _metrics(rec_b)
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_cached_stages_give_identical_results_and_are_shared_across_defenses(tiny_config, tmp_path):
+    attack = {"attack": {"name": "badnets", "params": {"num_malicious": 1}}}
+    plain = _run(tiny_config, tmp_path, "plain", attack, ("runtime.stage_cache=false",))
+    assert not _entries(tmp_path)
+    first = _run(tiny_config, tmp_path, "first", attack)
+    stored = _entries(tmp_path)
+    assert len(stored) == 2  # pre-trained model, round-1 client models
+    again = _run(tiny_config, tmp_path, "again", attack)
+    _same(plain, first)
+    _same(plain, again)
+    assert again[0]["rounds"][1]["local_seconds"] == 0.0  # round 1 trained nothing
+    # another defense (acting after the clients train) reuses both stages and still matches its own uncached run
+    defended = {**attack, "defense": {"name": "normclip"}}
+    cached = _run(tiny_config, tmp_path, "normclip", defended)
+    assert _entries(tmp_path) == stored
+    _same(cached, _run(tiny_config, tmp_path, "normclip-plain", defended, ("runtime.stage_cache=false",)))
+
+
+def test_changing_an_input_of_a_stage_misses_the_cache(tiny_config, tmp_path):
+    _run(tiny_config, tmp_path, "base")
+    base = _entries(tmp_path)
+    _run(tiny_config, tmp_path, "client-lr", overrides=("fl.client.lr=0.002",))  # same pre-training, new round 1
+    after_client = _entries(tmp_path)
+    assert len(after_client - base) == 1
+    _run(tiny_config, tmp_path, "pretrain-lr", overrides=("pretrain.optim.lr=0.001",))  # both stages new
+    assert len(_entries(tmp_path) - after_client) == 2
+    before = _entries(tmp_path)
+    _run(tiny_config, tmp_path, "poisoned", {"attack": {"name": "fm"}})  # poisoned synthetic set: new pre-training
+    assert len(_entries(tmp_path) - before) == 2
+
+
+def test_a_defense_acting_before_the_clients_train_does_not_share_round_1(tiny_config, tmp_path):
+    from defenses import DEFENSES
+    from fl_core.hooks import Defense
+
+    acting = [name for name in DEFENSES.names() if DEFENSES.get(name).before_round is not Defense.before_round]
+    assert acting
+    _run(tiny_config, tmp_path, "base")
+    for name in acting:
+        _run(tiny_config, tmp_path, name, {"defense": {"name": name}})
+    assert len(_entries(tmp_path)) == 2  # only the first cell's two entries: no round-1 entry from those defenses
