@@ -31,6 +31,7 @@ from benchmarks.cli import (CONFIG_DIR, PLUGIN_HELP, add_budget_argument, add_st
 from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
 from fl_core.registry import import_plugins
 from fl_core.storage import Claim, read_json, write_json
+from fl_core.threads import parallel_cells
 
 GRID_DIR = CONFIG_DIR / "grids"
 GRID_KEYS = ("description", "base", "scales", "axes", "exclude", "include")
@@ -251,16 +252,12 @@ def cell_status(out: Path, key: str) -> str:
     return status["status"] if status is not None else "pending"
 
 
-def execute_cell(cell_config: dict, out: str, plugins: tuple[str, ...] = (), threads: int | None = None) -> dict:
+def execute_cell(cell_config: dict, out: str, plugins: tuple[str, ...] = ()) -> dict:
     """Run one cell in this process and record its outcome on disk; returns a short status dict.
 
     Shared by every executor (also inside process-pool and Ray workers).
     """
-    import torch
-
     import_plugins(list(plugins))
-    if threads:
-        torch.set_num_threads(threads)
     cfg = validate(from_dict(CellConfig, cell_config))
     folder = cell_dir(Path(out), cfg.key())
     claim = Claim(folder / "claim.json")
@@ -324,10 +321,9 @@ def _run_local(todo, out, plugins, jobs, on_done, **_):
 def _run_process(todo, out, plugins, jobs, on_done, **_):
     import multiprocessing
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins, threads): c for c in todo}
+        futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins): c for c in todo}
         try:
             for fut in as_completed(futures):
                 on_done(futures[fut], fut.result())
@@ -346,8 +342,7 @@ def _run_ray(todo, out, plugins, jobs, on_done, address=None, cpus_per_cell=1.0,
         kwargs = {"address": address} if address else {"num_cpus": os.cpu_count()}
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False, **kwargs)
     remote = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell)(execute_cell)
-    threads = max(1, int(cpus_per_cell))
-    refs = {remote.remote(c.config.to_dict(), str(out), plugins, threads): c for c in todo}
+    refs = {remote.remote(c.config.to_dict(), str(out), plugins): c for c in todo}
     pending = list(refs)
     try:
         while pending:
@@ -436,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only cells whose axis label matches; a|b for either (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells, their status and an estimate")
     parser.add_argument("--out", help="output folder (default: runs/<preset>-<scale>)")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel cells (process and ray executors)")
-    parser.add_argument("--executor", choices=EXECUTORS, default="local")
+    parser.add_argument("--jobs", type=int, help="cells side by side (default: as many as CPUs are free now, each "
+                                                   "cell runtime.threads threads; fl_core/threads.py)")
+    parser.add_argument("--executor", choices=("auto", *EXECUTORS), default="auto",
+                        help="auto (default): local for one cell at a time, else process")
     parser.add_argument("--address", help="Ray cluster address (executor ray); default: a local Ray instance")
     parser.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray CPU request per cell")
     parser.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray GPU request per cell")
@@ -448,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     add_stage_cache_argument(parser)
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         parser.exit(2, "config error: --jobs must be >= 1\n")
     overrides = list(args.overrides) + ["runtime.progress=false"] + runtime_overrides(args)
     try:
@@ -464,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"config error: {err}\n")
     statuses = [cell_status(out, c.key) for c in cells]
     todo = [c for c, s in zip(cells, statuses) if s not in ("done", "n/a")]
-    estimate = sum(estimate_seconds(c.config) for c in todo) / max(1, args.jobs)
-    print(f"grid {spec.name!r} at scale {args.scale!r}: {len(cells)} cells, {len(todo)} to run, "
+    jobs = args.jobs or parallel_cells(max(1, len(todo)), max((c.config.runtime.threads for c in todo), default=1))
+    executor = args.executor if args.executor != "auto" else ("local" if jobs == 1 else "process")
+    estimate = sum(estimate_seconds(c.config) for c in todo) / jobs
+    print(f"grid {spec.name!r} at scale {args.scale!r}: {len(cells)} cells, {len(todo)} to run, {jobs} at a time, "
           f"rough CPU estimate {estimate / 60:.1f} min -> {out}")
     if spec.description:
         print(f"  {spec.description.strip()}")
@@ -478,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip())
     started = time.time()
     try:
-        counts = run_grid(cells, out, executor=args.executor, jobs=args.jobs, plugins=tuple(args.plugin),
+        counts = run_grid(cells, out, executor=executor, jobs=jobs, plugins=tuple(args.plugin),
                           address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
     except Interrupted as stop:
         print(f"\ninterrupted: {stop.counts['done']} cell(s) done in this run, {stop.counts['skipped']} before; "

@@ -1,5 +1,11 @@
 """FM-integrated federated learning on PyTorch Lightning: data, models, synthetic data, FL loop, metrics."""
-from fl_core.config import CellConfig, ConfigError, load_config
+import os
+
+# OpenMP threads that spin while waiting collapse throughput when another process shares the cores
+# (fl_core/threads.py); must be set before torch loads its OpenMP runtime
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fl_core.config import CellConfig, ConfigError, load_config  # noqa: E402
 
 __all__ = ["CellConfig", "ConfigError", "load_config", "run_cell"]
 

@@ -222,7 +222,9 @@ class RuntimeConfig:
     device: Str = "auto"  # auto | cpu | cuda | cuda:N | mps
     data_root: Str | None = None  # None = $FMFL_DATA_ROOT or ./data
     cache_dir: Str | None = None  # None = <data_root>/cache
-    threads: Count | None = None  # torch CPU threads; None = from the CPUs free to this process (fl_core.threads)
+    # torch CPU threads per cell: results are bit-identical for the same config, seed and thread count;
+    # grids run cells side by side instead (fl_core/threads.py)
+    threads: Count = 1
     progress: Bool = True
     # reuse stage outputs (pre-trained models, round-1 client models) of other cells with the same inputs
     stage_cache: Bool = True

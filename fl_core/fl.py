@@ -72,8 +72,7 @@ class Setup:
 def prepare(cfg: CellConfig) -> Setup:
     """Load the dataset, carve the public pool, subsample, partition the client pool (all seeded)."""
     rt = cfg.runtime
-    if rt.threads:
-        torch.set_num_threads(rt.threads)
+    torch.set_num_threads(rt.threads)  # fixed, not load-dependent: the last digits depend on it (fl_core/threads.py)
     root = resolve_data_root(rt.data_root)
     cache_dir = Path(rt.cache_dir) if rt.cache_dir else root / "cache"
     ds = load_dataset(cfg.data.dataset, root, cache_dir, cfg.data.download)
@@ -191,8 +190,9 @@ def cpu_state(model: nn.Module) -> State:
 
 
 def training_settings(cfg: CellConfig, device: torch.device) -> list:
-    """What every training stage of a cell shares: seed, precision, device kind, augmentation, trigger."""
-    return [cfg.seed, cfg.precision, device.type, cfg.data.augment, dataclasses.asdict(cfg.backdoor)]
+    """What every training stage of a cell reads besides its data: seed, precision, device kind, CPU threads
+    (they change the last digits), augmentation, trigger."""
+    return [cfg.seed, cfg.precision, device.type, cfg.runtime.threads, cfg.data.augment, dataclasses.asdict(cfg.backdoor)]
 
 
 def stamp_trigger(data: ImageData):

@@ -309,7 +309,7 @@ def test_claims_are_exclusive_and_stale_claims_are_taken_over(tmp_path):
 
 def test_two_runners_on_one_folder_compute_each_cell_once(tiny_grid, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "benchmarks.grid", "--config", str(tiny_grid), "--out", str(out), "--no-report"]
+    cmd = [sys.executable, "-m", "benchmarks.grid", "--config", str(tiny_grid), "--out", str(out), "--no-report", "--jobs", "1"]
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
     runners = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                for _ in range(2)]
@@ -352,7 +352,7 @@ def test_ctrl_c_in_a_grid_exits_130_saying_how_to_resume(tiny_grid, tmp_path, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(grid_mod, "execute_cell", interrupted)
-    assert grid_mod.main(["--config", str(tiny_grid), "--out", str(tmp_path / "out")]) == 130
+    assert grid_mod.main(["--config", str(tiny_grid), "--out", str(tmp_path / "out"), "--jobs", "1"]) == 130
     assert "interrupted: 0 cell(s) done" in capsys.readouterr().err
 
 

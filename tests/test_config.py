@@ -66,14 +66,17 @@ def test_hash_ignores_runtime_and_tracks_results_keys():
 
 
 def test_fields_added_later_keep_earlier_keys_at_their_default():
-    """``schedule`` postdates committed results: at its default it must not enter the hash."""
+    """``schedule`` and ``precision`` postdate committed results: at their default they must not enter the hash."""
     cfg = load_config(None, [])
     plain = cfg.to_dict(with_runtime=False)
     for optim in (plain["fl"]["client"], plain["pretrain"]["optim"], plain["fusion"]["optim"]):
         del optim["schedule"]
+    del plain["precision"]
     canon = json.dumps(plain, sort_keys=True, default=str)
     assert cfg.key() == hashlib.sha256(canon.encode()).hexdigest()[:12]
     assert load_config(None, ["fusion.optim.schedule=cosine"]).key() != cfg.key()
+    assert load_config(None, ["precision=bf16-mixed"]).key() != cfg.key()
+    assert load_config(None, ["precision=32"]).key() == cfg.key()
 
 
 def test_missing_config_file():

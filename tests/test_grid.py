@@ -71,7 +71,7 @@ class Explodes(Attack):
 def test_resume_failed_capture_and_interrupt(tiny_root, tmp_path, monkeypatch):
     spec = _spec(tiny_root, tmp_path, {"attack.name": ["none", "fm", "test-explodes"]})
     path, out = _write(tmp_path, spec), tmp_path / "out"
-    assert main(["--config", str(path), "--out", str(out), "--no-report"]) == 1  # one failed cell
+    assert main(["--config", str(path), "--out", str(out), "--no-report", "--jobs", "1"]) == 1  # one failed cell
     cells = expand(load_grid(path), overrides=("runtime.progress=false",))
     status = {c.labels["attack.name"]: cell_status(out, c.key) for c in cells}
     assert status == {"none": "done", "fm": "done", "test-explodes": "failed"}
@@ -84,14 +84,14 @@ def test_resume_failed_capture_and_interrupt(tiny_root, tmp_path, monkeypatch):
     ran = []
     real = grid_mod.execute_cell
 
-    def interrupting(cfg, out_dir, plugins=(), threads=None):
+    def interrupting(cfg, out_dir, plugins=()):
         ran.append(cfg["attack"]["name"])
         if cfg["attack"]["name"] == "test-explodes":
             raise KeyboardInterrupt
-        return real(cfg, out_dir, plugins, threads)
+        return real(cfg, out_dir, plugins)
 
     monkeypatch.setattr(grid_mod, "execute_cell", interrupting)
-    assert main(["--config", str(path), "--out", str(out), "--no-report"]) == 130
+    assert main(["--config", str(path), "--out", str(out), "--no-report", "--jobs", "1"]) == 130
     assert ran == ["fm", "test-explodes"]
     assert cell_status(out, cells[1].key) == "done"
     assert (out / "cells" / cells[0].key / "record.json").stat().st_mtime_ns == first_record
@@ -112,7 +112,7 @@ def test_not_applicable_cells_are_recorded(tiny_root, tmp_path, monkeypatch):
     spec = _spec(tiny_root, tmp_path, {"defense.name": ["clip-example"]})
     spec.base["model"] = {"prototypes": [{"name": "cnn", "width": 0.25}, {"name": "cnn", "width": 0.5}]}
     out = tmp_path / "out"
-    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--plugin", "clip_defense"]) == 0
+    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--plugin", "clip_defense", "--jobs", "1"]) == 0
     table = (out / "tables.md").read_text()
     assert "n/a" in table and "cannot apply to heterogeneous prototypes" in table
 
@@ -173,7 +173,7 @@ def test_documented_example_defense_runs_through_a_two_round_grid(tiny_root, tmp
     spec = _spec(tiny_root, tmp_path, {"defense.name": ["none", "clip-example"]})
     spec.base["fl"]["rounds"] = 2
     out = tmp_path / "out"
-    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--plugin", "clip_defense"]) == 0
+    assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--plugin", "clip_defense", "--jobs", "1"]) == 0
     cells = pd.read_csv(out / "cells.csv")
     assert (cells["status"] == "done").all() and len(cells) == 2
     rounds = pd.read_csv(out / "rounds.csv")
