@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -267,3 +268,34 @@ def test_malicious_local_epochs_are_an_option_that_leaves_earlier_keys_alone():
     assert load_config(None, ["attack.name=badnets", "attack.params.epochs=5"]).key() != plain.key()
     with pytest.raises(ConfigError, match="epochs"):
         load_config(None, ["attack.name=badnets", "attack.params.epochs=-1"])
+
+
+def test_the_loop_gives_malicious_clients_their_epochs_and_callbacks(tiny_config, monkeypatch):
+    """End to end: the attacker's ``local_epochs`` and ``training_callbacks`` reach its Lightning fit, in
+    every round, and benign clients train as configured."""
+    import lightning as L
+
+    from attacks import ATTACKS
+    from attacks.badnets import BadNets
+    from fl_core.fl import run_cell
+
+    steps: dict[tuple[int, int], int] = {}
+
+    class CountSteps(L.Callback):
+        def __init__(self, client_id, round_idx):
+            self.where = (client_id, round_idx)
+
+        def on_train_batch_end(self, *args):
+            steps[self.where] = steps.get(self.where, 0) + 1
+
+    class Counted(BadNets):
+        def training_callbacks(self, client_id, global_model, ctx):
+            return [CountSteps(client_id, ctx.round)]
+
+    monkeypatch.setitem(ATTACKS._entries, "test-counted", Counted)
+    cfg = tiny_config({"attack": {"name": "test-counted", "params": {"num_malicious": 1, "epochs": 3}},
+                       "runtime": {"stage_cache": False}})
+    record = run_cell(cfg, log=lambda *_: None)
+    (attacker,) = record["malicious_clients"]
+    per_epoch = math.ceil(record["client_sizes"][attacker] / cfg.fl.client.batch_size)
+    assert steps == {(attacker, 1): 3 * per_epoch, (attacker, 2): 3 * per_epoch}  # only the attacker, 3 epochs
