@@ -386,6 +386,16 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, *, beta: float 
 # ---------------------------------------------------------------- batches and augmentation
 
 
+# Inference batches on a CPU: a large batch's activations spill the caches (default CNN, one thread:
+# 494 img/s at 1,000 images per forward vs 1,365 at 64); outputs are bit-identical for any chunk >= 8
+CPU_FORWARD_CHUNK = 128
+
+
+def forward_chunk(device: torch.device | str, batch_size: int) -> int:
+    """Images per inference forward: ``batch_size``, capped at :data:`CPU_FORWARD_CHUNK` on a CPU."""
+    return min(batch_size, CPU_FORWARD_CHUNK) if torch.device(device).type == "cpu" else batch_size
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [0, 1] (float input passes through)."""
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images

@@ -8,7 +8,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from fl_core.config import BackdoorConfig
-from fl_core.data import ImageData, to_float
+from fl_core.data import ImageData, forward_chunk, to_float
 
 
 @dataclass
@@ -36,8 +36,8 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: tor
     """Predicted labels (on the CPU) of uint8 images, in eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
-    preds = [model(to_float(images[i: i + batch_size].to(device))).argmax(-1).cpu()
-             for i in range(0, len(images), batch_size)]
+    step = forward_chunk(device, batch_size)
+    preds = [model(to_float(images[i: i + step].to(device))).argmax(-1).cpu() for i in range(0, len(images), step)]
     model.train(was_training)
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_core.config import FusionConfig, OptimConfig
-from fl_core.data import augment, to_float
+from fl_core.data import augment, forward_chunk, to_float
 from fl_core.seeding import torch_generator
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -110,6 +110,7 @@ def ensemble_outputs(teachers: list[nn.Module], weights: torch.Tensor, images: t
     targets are computed once per round instead of once per batch."""
     for teacher in teachers:
         teacher.eval()
+    chunk = forward_chunk(images.device, chunk)
     return torch.cat([ensemble_logits(teachers, weights, to_float(images[i: i + chunk]), mode)
                       for i in range(0, len(images), chunk)])
 
