@@ -306,6 +306,9 @@ class ActivationBounds(Defense):
 
     # ------------------------------------------------------------ hooks
 
+    def changes_broadcast(self, round_idx):
+        return self.broadcast and bool(self._states)  # clamps reach the clients once bounds exist
+
     def before_round(self, global_model, prototype, ctx):
         state = self._states.get(prototype)
         if state is not None:

@@ -26,7 +26,7 @@ from torch import nn
 from fl_core.config import CellConfig
 from fl_core.data import (Dataset, ImageData, load_dataset, partition, resolve_data_root, stratified_split,
                           training_loader)
-from fl_core.hooks import ClientUpdate, Defense, FusionPlan, ServerContext, State
+from fl_core.hooks import ClientUpdate, FusionPlan, ServerContext, State
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.models import build_model
 from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit
@@ -76,11 +76,7 @@ def prepare(cfg: CellConfig) -> Setup:
     root = resolve_data_root(rt.data_root)
     cache_dir = Path(rt.cache_dir) if rt.cache_dir else root / "cache"
     ds = load_dataset(cfg.data.dataset, root, cache_dir, cfg.data.download)
-    d = cfg.data
-    if cfg.backdoor.target >= ds.num_classes or (cfg.backdoor.source or 0) >= ds.num_classes:
-        raise ValueError(f"backdoor.target/source must be < {ds.num_classes} classes of {ds.name}")
-    if d.public_size >= len(ds.train):
-        raise ValueError(f"data.public_size={d.public_size} leaves no client data ({len(ds.train)} train images)")
+    d = cfg.data  # sizes and classes were checked against the dataset's facts by config.validate
     client_idx, public_idx = stratified_split(ds.train.labels, d.public_size, cfg.seed, "public")
     pool = ds.train.subset(client_idx)
     if d.client_pool_size is not None and d.client_pool_size < len(pool):
@@ -277,8 +273,6 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
         return row
 
     cache = StageCache(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None)
-    # round 1's client models depend on the defense only through before_round
-    shares_round1 = type(defense).before_round is Defense.before_round
     t0 = time.perf_counter()
     pretrain(models, syn["pretrain"], cfg, setup, cache)
     pre = record_round(0, time.perf_counter() - t0, 0.0)
@@ -299,7 +293,7 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
                   for cid in selected}
         round_key = cache.key("clients", r, model_digest(models), selected, [data_digest(clients[c]) for c in selected],
                               epochs, malicious, attack.describe(), dataclasses.asdict(cfg.fl.client),
-                              training_settings(cfg, device)) if r == 1 and shares_round1 else None
+                              training_settings(cfg, device)) if r == 1 and not defense.changes_broadcast(r) else None
         trained = (cache.load(round_key) if round_key else None) or {}
         fresh = {}
         for cid in selected:

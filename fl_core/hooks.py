@@ -133,6 +133,13 @@ class Defense:
     def before_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> None:
         """Called before the clients receive a copy of the global model."""
 
+    def changes_broadcast(self, round_idx: int) -> bool:
+        """Whether, this round, the clients receive something other than the plain global weights
+        (``before_round`` changed them, or hooks on the model act in the clients' training). Asked after
+        ``before_round``; while False for round 1, round 1's client models are shared with other cells
+        through the stage cache. Default: True for any defense that overrides ``before_round``."""
+        return type(self).before_round is not Defense.before_round
+
     def filter_update(self, update: ClientUpdate, global_model: nn.Module, ctx: ServerContext) -> ClientUpdate | None:
         """Inspect or change one update; return None to drop it."""
         return update

@@ -58,13 +58,25 @@ def test_changing_an_input_of_a_stage_misses_the_cache(tiny_config, tmp_path):
     assert len(_entries(tmp_path) - before) == 2
 
 
-def test_a_defense_acting_before_the_clients_train_does_not_share_round_1(tiny_config, tmp_path):
+def test_round_1_is_shared_only_while_the_defense_leaves_the_broadcast_alone(tiny_config, tmp_path):
     from defenses import DEFENSES
     from fl_core.hooks import Defense
 
-    acting = [name for name in DEFENSES.names() if DEFENSES.get(name).before_round is not Defense.before_round]
-    assert acting
-    _run(tiny_config, tmp_path, "base")
-    for name in acting:
-        _run(tiny_config, tmp_path, name, {"defense": {"name": name}})
-    assert len(_entries(tmp_path)) == 2  # only the first cell's two entries: no round-1 entry from those defenses
+    class Shifting(Defense):
+        """Perturbs the broadcast model: its clients train from other weights."""
+
+        def before_round(self, global_model, prototype, ctx):
+            with torch.no_grad():
+                next(global_model.parameters()).add_(0.01)
+
+    DEFENSES._entries["test-shifting"] = Shifting
+    try:
+        _run(tiny_config, tmp_path, "base")
+        _run(tiny_config, tmp_path, "shifting", {"defense": {"name": "test-shifting"}})
+        assert len(_entries(tmp_path)) == 2  # only the base cell's two entries
+        # the paper's defense clamps the clients only once it has bounds: round 1 is shared
+        assert not DEFENSES.get("actbound")().changes_broadcast(1)
+        _run(tiny_config, tmp_path, "actbound", {"defense": {"name": "actbound"}})
+        assert len(_entries(tmp_path)) == 2
+    finally:
+        del DEFENSES._entries["test-shifting"]
