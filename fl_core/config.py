@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -572,17 +573,24 @@ def available_memory_bytes() -> int:
     return 64 << 30
 
 
-def _check_memory(cfg: CellConfig, facts) -> None:
-    """Refuse a cell whose model copies (clients, teachers, optimiser state) would not fit in memory."""
+@functools.lru_cache(maxsize=None)
+def _parameter_count(spec_json: str, channels: int, classes: int) -> int:
+    """Parameters of a model spec, built on the meta device (no memory), once per spec and process."""
     import torch
 
     from fl_core.models import build_model
 
+    with torch.device("meta"):
+        model = build_model(ModelSpec(**json.loads(spec_json)), channels, classes, (0.0,), (1.0,))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_memory(cfg: CellConfig, facts) -> None:
+    """Refuse a cell whose model copies (clients, teachers, optimiser state) would not fit in memory."""
     if any(spec.name.startswith("timm:") for spec in cfg.model.specs()):
         return  # timm models are not built twice just to count them
-    with torch.device("meta"):
-        params = max(sum(p.numel() for p in build_model(spec, facts.shape[0], facts.classes, (0.0,), (1.0,))
-                         .parameters()) for spec in cfg.model.specs())
+    params = max(_parameter_count(json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str), facts.shape[0],
+                                  facts.classes) for spec in cfg.model.specs())
     need = params * 4 * (cfg.fl.clients_per_round + 6)  # one model per client kept, global, grads, Adam state
     have = available_memory_bytes()
     _check(need <= have, "model", f"{params:,} parameters x {cfg.fl.clients_per_round + 6} copies need "

@@ -5,6 +5,7 @@ from then on live as ``uint8`` tensors of shape (N, C, H, W); nothing in trainin
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -248,9 +249,15 @@ def dataset_facts(name: str, root: str | os.PathLike | None = None, cache_dir: s
     source, _ = _locate(name, root, download)
     if not source.startswith("imagefolder:"):
         return KNOWN_FACTS[name]
+    return _image_folder_facts(root / name)
+
+
+@functools.lru_cache(maxsize=None)
+def _image_folder_facts(tree: Path) -> DatasetFacts:
+    """Facts of an ImageFolder tree from a listing and one image header (once per process: a grid
+    validates every cell)."""
     from PIL import Image
 
-    tree = root / name
     counts = []
     for split in ("train", "test"):
         files = [p for d in sorted((tree / split).iterdir()) if d.is_dir() for p in d.iterdir()
