@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from annotated_types import Len
-from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from benchmarks.cli import (CONFIG_DIR, PLUGIN_HELP, add_budget_argument, add_stage_cache_argument, check_budget,
@@ -72,7 +70,7 @@ class GridFile:
     description: Annotated[str, Strict()] = ""
     base: dict | str = field(default_factory=dict)  # a cell config, or a cell YAML's file name
     scales: dict[str, dict | None] | str = field(default_factory=dict)  # or another grid file's name
-    axes: dict[str, Annotated[list, Len(min_length=1)]] = field(default_factory=dict)
+    axes: dict[str, Annotated[list, Field(min_length=1)]] = field(default_factory=dict)
     exclude: list[dict] = field(default_factory=list)
     include: list[dict] = field(default_factory=list)
 
