@@ -154,7 +154,8 @@ class StageCache:
     exactly what determines them: every input tensor's content and every setting the stage reads. A
     defense, the rounds or the fusion settings do not enter the pre-training key, so the cells of a
     grid that differ only there pre-train once; round 1's client training is shared the same way
-    while no defense acts before the clients train. Writes are atomic (safe under two runners)."""
+    while the defense leaves the broadcast model alone (``Defense.changes_broadcast``). Writes are
+    atomic (safe under two runners)."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder  # None: disabled
@@ -312,7 +313,8 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
                     fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid),
                                          stamp_trigger(data)),
                         loader, acc, max_epochs=epochs[cid], callbacks=callbacks, precision=cfg.precision)
-                fresh[f"client{cid}"] = cpu_state(local)
+                if round_key:
+                    fresh[f"client{cid}"] = cpu_state(local)
             update = ClientUpdate(cid, p, len(data), local)
             if cid in malicious:
                 update = attack.poison_update(update, models[p], ctx)
@@ -392,7 +394,7 @@ def save_cell(record: dict, models: list[nn.Module], out_dir: Path, defense_stat
     """Write the final global model(s), the defense's learned state and ``record.json`` (last, atomically:
     its presence means done)."""
     for p, model in enumerate(models):
-        save_tensors(out_dir / "models" / f"prototype{p}.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+        save_tensors(out_dir / "models" / f"prototype{p}.pt", cpu_state(model))
     if defense_state:
         save_tensors(out_dir / "models" / "defense.pt", {k: v.cpu() for k, v in defense_state.items()})
     write_json(out_dir / "record.json", record)
