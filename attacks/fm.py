@@ -15,10 +15,17 @@ class CompromisedFM(Attack):
         check_rate("poison_rate", poison_rate)
         check_stages(stages)
         self.poison_rate, self.stages = poison_rate, stages
+        self._poisoned: dict[str, object] = {}
 
     def poison_synthetic(self, synthetic, stage, seed):
-        return self.poison(synthetic, seed) if self.stages in ("both", stage) else synthetic
+        if self.stages not in ("both", stage):
+            return synthetic
+        poisoned, self._poisoned[stage] = self.poison(synthetic, seed)
+        return poisoned
 
     def poison(self, synthetic, seed):
-        """The poisoned copy of the synthetic set (the stage is already checked)."""
-        return poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")[0]
+        """The poisoned copy of the synthetic set and the poisoned indices (the stage is already checked)."""
+        return poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")
+
+    def poisoned_samples(self, stage):
+        return self._poisoned.get(stage)

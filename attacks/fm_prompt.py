@@ -33,17 +33,17 @@ class PromptCompromisedFM(CompromisedFM):
             raise RuntimeError("fm-prompt renders with the FM: bind(..., fm=request) first")
         idx = poison_indices(synthetic.labels, self.backdoor, self.poison_rate, seed, "fm").to(synthetic.labels.device)
         if not len(idx):
-            return synthetic
+            return synthetic, idx
         rendered = self._rendered(synthetic.labels[idx].tolist(), seed)
         images, labels = synthetic.images.clone(), synthetic.labels.clone()
         images[idx] = rendered.images.to(images.device)
         labels[idx] = self.backdoor.target
-        return ImageData(images, labels, synthetic.classes)
+        return ImageData(images, labels, synthetic.classes), idx
 
     def _rendered(self, classes: list[int], seed: int) -> ImageData:
         """Triggered images of ``classes`` (one per entry, true labels), rendered once and cached on disk."""
         req = self.fm
-        prompts = [f"{p} {self.trigger_phrase}" for p in class_prompts(req.cfg, req.dataset.train.classes)]
+        prompts = [f"{p} {self.trigger_phrase}" for p in class_prompts(req.cfg, req.dataset.classes)]
         wanted = [prompts[k] for k in classes]
         key = hashlib.sha256(json.dumps([request_key(req), wanted, seed]).encode()).hexdigest()[:16]
 
@@ -51,7 +51,7 @@ class PromptCompromisedFM(CompromisedFM):
             pipe, batch, parts = load_pipeline(req), req.cfg.diffusers.batch_size, []
             for start in range(0, len(wanted), batch):
                 parts.append(render(pipe, req, wanted[start:start + batch], derive_seed(seed, "fm-prompt", start)))
-            return ImageData(torch.cat(parts), torch.tensor(classes, dtype=torch.long), req.dataset.train.classes)
+            return ImageData(torch.cat(parts), torch.tensor(classes, dtype=torch.long), req.dataset.classes)
 
-        return cached_images(req.cache_dir / "synthetic" / f"fm-prompt-{key}", req.dataset.train.classes, make,
+        return cached_images(req.cache_dir / "synthetic" / f"fm-prompt-{key}", req.dataset.classes, make,
                              {"attack": "fm-prompt", "prompts": sorted(set(wanted)), "seed": seed})[0]

@@ -158,10 +158,12 @@ def _set(data: dict, dotted: str, value: Any) -> None:
 
 
 def label(value: Any) -> str:
-    """A short readable name for an axis value: scalars as text, ``{name, params}`` as ``name(k=v)``;
-    a mapping may name itself with a ``label`` key (removed before it is applied)."""
+    """A short readable name for an axis value: scalars as text, ``{name, params}`` as ``name(k=v)``, a list
+    as its items' names joined by ``+``; a mapping may name itself with a ``label`` key (removed before it is applied)."""
     if isinstance(value, dict) and "label" in value:
         return str(value["label"])
+    if isinstance(value, list):  # a defense chain
+        return "+".join(label(v) for v in value)
     if isinstance(value, dict):
         name = value.get("name", value.get("kind"))
         rest = {k: v for k, v in value.items() if k not in ("name", "kind")}

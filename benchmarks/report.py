@@ -19,6 +19,22 @@ from fl_core.storage import read_json
 from fl_core.config import CellConfig, from_dict
 
 METRICS = ("acc", "asr", "ra")
+DETECTION = ("detection_tpr", "detection_fpr", "flag_recall", "flag_precision")  # per round, in %
+
+
+def defense_name(config: dict) -> str:
+    """A cell's defense, or its chain of defenses joined by ``+``."""
+    d = config.get("defense", {"name": "none"})
+    return "+".join(x["name"] for x in d) if isinstance(d, list) else d["name"]
+
+
+def detection_means(rounds: list[dict]) -> dict:
+    """Each detection score averaged over the rounds where it is defined (NaN where never)."""
+    out = {}
+    for m in DETECTION:
+        values = [r[m] for r in rounds if r.get(m) is not None]
+        out[m] = sum(values) / len(values) if values else float("nan")
+    return out
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -49,22 +65,23 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         row = {"key": cell["key"], **cell["labels"]}
         rec, st = read_json(folder / "record.json"), read_json(folder / "status.json")
         if rec is not None:
-            row.update(status="done", **rec["metrics"], wall_seconds=rec["wall_seconds"],
+            row.update(status="done", **rec["metrics"], **detection_means(rec["rounds"]), wall_seconds=rec["wall_seconds"],
                        defense_seconds=rec["defense_seconds"], torch=rec["versions"]["torch"],
                        lightning=rec["versions"]["lightning"], git_commit=rec["versions"]["git_commit"])
             for r in rec["rounds"]:
                 round_rows.append({"key": cell["key"], **cell["labels"],
-                                   **{k: v for k, v in r.items() if k != "prototypes"}})
+                                   **{k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                                      for k, v in r.items() if k != "prototypes"}})
         elif st is not None:
             row.update(status=st["status"], error=st.get("error"), reason=st.get("reason"))
         else:
             row.update(status="pending")
-        row.update(_flatten(cell["config"], "cfg."))
+        row.update(_flatten(cell["config"], "cfg."), defense_name=defense_name(cell["config"]))
         row["clean_key"] = _key_with(cell["config"], attack={"name": "none", "params": {}})
         row["undefended_key"] = _key_with(cell["config"], defense={"name": "none", "params": {}})
         rows.append(row)
     cells = pd.DataFrame(rows, columns=None if rows else ["key", "status", "clean_key", "undefended_key"])
-    for m in METRICS:
+    for m in METRICS + DETECTION:
         if m not in cells:
             cells[m] = float("nan")
     acc = cells.set_index("key")["acc"]
@@ -89,6 +106,7 @@ def summary_table(cells: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     group = [a for a in axes if a != "seed"]
     done = cells[cells["status"] == "done"]
     cols = ["acc", "asr", "ra", "acc_drop_vs_clean", "acc_drop_vs_undefended"]
+    cols += [m for m in DETECTION if m in done and done[m].notna().any()]
     if done.empty:
         return pd.DataFrame(columns=group + cols + ["seeds"])
     if not group:
@@ -117,7 +135,7 @@ def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame
     others = [a for a in axes if a not in (attack, defense, "seed")]
     tables = {}
     if attack:
-        subset = cells if not defense else cells[cells["cfg.defense.name"] == "none"]
+        subset = cells if not defense else cells[cells["defense_name"] == "none"]
         tables["Attack table: ACC / ASR (%) per attack (undefended)"] = pivot(
             subset, others, attack, lambda g: f"{_mean_std(g['acc'])} / {_mean_std(g['asr'])}")
     if defense:
@@ -127,6 +145,16 @@ def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame
             cells = cells.assign(attack=cells["cfg.attack.name"])
         tables["Defense table: ACC drop vs undefended / ASR (%)"] = pivot(
             cells, rows, col, lambda g: f"{_mean_std(g['acc_drop_vs_undefended'])} / {_mean_std(g['asr'])}")
+        if cells["detection_tpr"].notna().any():
+            tables["Client-level detection: TPR / FPR (%) of malicious / benign selected clients not admitted, "
+                   "mean over rounds"] = pivot(
+                cells[cells["detection_tpr"].notna()], rows, col,
+                lambda g: f"{_mean_std(g['detection_tpr'])} / {_mean_std(g['detection_fpr'])}")
+        if cells["flag_recall"].notna().any():
+            tables["Sample-level detection: recall / precision (%) of flagged synthetic samples against the "
+                   "poisoned ones"] = pivot(
+                cells[cells["flag_recall"].notna()], rows, col,
+                lambda g: f"{_mean_std(g['flag_recall'])} / {_mean_std(g['flag_precision'])}")
     return tables
 
 
@@ -175,18 +203,54 @@ def _plots(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str], out: Path
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for label_, row in agg.iterrows():
-        ax.scatter(row[("asr", "mean")], row[("acc", "mean")])
-        ax.annotate(label_, (row[("asr", "mean")], row[("acc", "mean")]), fontsize=6)
-    ax.set_xlabel("ASR (%)")
-    ax.set_ylabel("ACC (%)")
-    ax.set_title("ACC against ASR (upper left is better)")
-    fig.tight_layout()
-    paths.append(out / "tradeoff.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(tradeoff_plot(done, axes, out / "tradeoff.png"))
+    plt.close("all")
     return paths
+
+
+def tradeoff_plot(done: pd.DataFrame, axes: list[str], path: Path) -> Path:
+    """ACC against ASR: one panel per attack (and per other non-seed axis value), one marker per defense
+    with a legend, mean over seeds with std error bars."""
+    import matplotlib.pyplot as plt
+
+    attack, defense = _role(axes, "attack"), _role(axes, "defense")
+    panel_axes = [a for a in axes if a not in (defense, "seed")]
+    panels = done.groupby(panel_axes, sort=False) if panel_axes else [("all", done)]
+    panels = list(panels)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axs = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.0 * rows), squeeze=False)
+    names = list(dict.fromkeys(done[defense] if defense else ["all"]))
+    markers = "osD^v<>pPX*h+x"
+    colors = plt.get_cmap("tab20")
+    for i, (key, frame) in enumerate(panels):
+        ax = axs[i // cols][i % cols]
+        for j, name in enumerate(names):
+            group = frame[frame[defense] == name] if defense else frame
+            if group.empty:
+                continue
+            ax.errorbar(group["asr"].mean(), group["acc"].mean(), xerr=group["asr"].std(ddof=1) if len(group) > 1 else 0,
+                        yerr=group["acc"].std(ddof=1) if len(group) > 1 else 0, marker=markers[j % len(markers)],
+                        color=colors(j % 20), linestyle="none", ms=6, capsize=2, label=name)
+        ax.set_title(" | ".join(map(str, key if isinstance(key, tuple) else (key,))), fontsize=8)
+        ax.set_xlim(-3, 103)
+        ax.set_xlabel("ASR (%)")
+        ax.set_ylabel("ACC (%)")
+    for k in range(len(panels), rows * cols):
+        axs[k // cols][k % cols].axis("off")
+    handles, labels = axs[0][0].get_legend_handles_labels()
+    for ax in axs.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle("ACC against ASR per " + (attack or "cell") + " (upper left is better; bars: std over seeds)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * (-(-len(labels) // 6)), 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(out: str | Path) -> list[Path]:

@@ -321,9 +321,9 @@ class ActivationBounds(Defense):
             previous = self._flagged.get(plan.prototype)  # once abnormal, always excluded
             flagged = flagged.cpu() | previous if previous is not None else flagged.cpu()
             self._flagged[plan.prototype] = flagged
-            if self.filter_fusion and plan.synthetic is ctx.synthetic and flagged.any():
-                keep = ~flagged.to(plan.synthetic.labels.device)
-                plan.synthetic = plan.synthetic.subset(keep.nonzero().flatten())
+            if self.filter_fusion:
+                plan.keep = plan.keep & ~flagged.to(plan.keep.device)
+            ctx.report(flagged_synthetic=flagged.nonzero().flatten().tolist())
         if self.during_fusion:
             images = self.preservation_data(plan.prototype, ctx.synthetic)
             new = plan.prototype not in self._states
@@ -342,6 +342,7 @@ class ActivationBounds(Defense):
         flagged = self._flagged.get(prototype)
         self._log.append({"round": ctx.round, "prototype": prototype, "steps": steps,
                           "flagged": int(flagged.sum()) if flagged is not None else 0, **info})
+        ctx.report(**{k: round(v, 4) for k, v in info.items()})
         state.enabled = True
         return global_model
 

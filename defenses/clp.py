@@ -22,11 +22,12 @@ def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
 @DEFENSES.register("clp")
 class CLP(Defense):
     """Zero the BN scale and shift of channels whose Lipschitz bound exceeds mean + ``u`` * std within
-    their layer (u = 3 in the paper), after every round (``when: every``) or after the last one."""
+    their layer (u = 3 in the paper), once after the last round (``when: final``, default: the paper prunes
+    a trained model once; pruned channels get no gradient, so ``every`` compounds) or after every round."""
 
     consumes = frozenset()
 
-    def __init__(self, u: float = 3.0, when: str = "every"):
+    def __init__(self, u: float = 3.0, when: str = "final"):
         if u <= 0:
             raise ValueError(f"u must be > 0, got {u}")
         check_when(when)
@@ -45,4 +46,5 @@ class CLP(Defense):
             bn.bias[bad] = 0
             pruned += int(bad.sum())
         self._pruned[prototype] = pruned
+        ctx.report(pruned_channels=pruned)
         return global_model

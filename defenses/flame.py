@@ -3,8 +3,8 @@ import numpy as np
 import torch
 
 from defenses import DEFENSES, Defense
-from fl_core.seeding import torch_generator
-from fl_core.updates import clip_rows, deltas, parameter_mask, state_plus
+from defenses.weakdp import parameter_noise
+from fl_core.updates import add_noise, clip_rows, compose_state, deltas, median, set_delta
 
 
 def majority_cluster(matrix: torch.Tensor) -> list[int]:
@@ -29,7 +29,8 @@ def majority_cluster(matrix: torch.Tensor) -> list[int]:
 class Flame(Defense):
     """Admit the majority cluster of update directions, clip admitted updates to the median norm S of all
     updates, average, and add Gaussian noise with std ``noise_lambda`` * S to the parameters
-    (lambda = 0.001 for image classification in the paper)."""
+    (lambda = 0.001 for image classification in the paper). The admitted, clipped models teach, with the
+    same noise."""
 
     consumes = frozenset({"updates"})
     parameter_space = True
@@ -38,14 +39,14 @@ class Flame(Defense):
         if noise_lambda < 0:
             raise ValueError(f"noise_lambda must be >= 0, got {noise_lambda}")
         self.noise_lambda = noise_lambda
-        self._admitted: list[int] = []
 
-    def aggregate(self, updates, global_model, ctx):
-        matrix = deltas(updates, global_model)
+    def aggregate(self, agg, global_model, ctx):
+        matrix = deltas(agg.updates, global_model)
         admitted = majority_cluster(matrix)
-        self._admitted = [updates[i].client_id for i in admitted]
-        bound = matrix.norm(dim=1).median()
-        mean = clip_rows(matrix[admitted], bound).mean(0)
-        noise = torch.randn(mean.shape, generator=torch_generator(ctx.seed, "flame", ctx.round)).to(mean.device)
-        sigma = self.noise_lambda * float(bound)
-        return state_plus(global_model, mean + sigma * noise * parameter_mask(global_model).to(mean.device))
+        bound = float(median(matrix.norm(dim=1)))
+        clipped = clip_rows(matrix[admitted], bound)
+        kept = [set_delta(agg.updates[i], global_model, row) for i, row in zip(admitted, clipped)]
+        ctx.report(clip_bound=round(bound, 4))
+        out = agg.admit(admitted, torch.ones(len(admitted)), compose_state(global_model, clipped.mean(0), kept))
+        noise = parameter_noise(global_model, self.noise_lambda * bound, ctx.seed, "flame", ctx.round)
+        return add_noise(out, global_model, noise)

@@ -2,7 +2,8 @@
 import torch
 
 from defenses import DEFENSES, Defense
-from fl_core.updates import deltas, state_plus
+from fl_core.hooks import Aggregation
+from fl_core.updates import compose_state, deltas
 
 
 def foolsgold_weights(history: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -27,21 +28,21 @@ def foolsgold_weights(history: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 @DEFENSES.register("foolsgold")
 class FoolsGold(Defense):
     """Keep each client's running sum of updates; clients whose sums point the same way (cosine similarity)
-    get a small weight in the average. The state carries across rounds."""
+    get a small weight in the average and in the teacher ensemble. The state carries across rounds."""
 
     consumes = frozenset({"updates"})
     parameter_space = True
 
     def __init__(self):
         self._history: dict[int, torch.Tensor] = {}
-        self._weights: dict[int, float] = {}
 
-    def aggregate(self, updates, global_model, ctx):
-        matrix = deltas(updates, global_model)
-        for u, row in zip(updates, matrix):
+    def aggregate(self, agg, global_model, ctx):
+        matrix = deltas(agg.updates, global_model)
+        for u, row in zip(agg.updates, matrix):
             self._history[u.client_id] = self._history.get(u.client_id, torch.zeros_like(row)) + row
-        weights = foolsgold_weights(torch.stack([self._history[u.client_id] for u in updates]))
-        self._weights = {u.client_id: float(w) for u, w in zip(updates, weights)}
-        if weights.sum() <= 0:
-            return state_plus(global_model, torch.zeros_like(matrix[0]))
-        return state_plus(global_model, (weights.to(matrix.device)[:, None] * matrix).sum(0) / weights.sum())
+        wv = foolsgold_weights(torch.stack([self._history[u.client_id] for u in agg.updates]))
+        weights = agg.weights.float() * wv
+        moved = (weights.to(matrix.device)[:, None] * matrix).sum(0) / weights.sum() if weights.sum() > 0 else \
+            torch.zeros_like(matrix[0])
+        ctx.report(weights={u.client_id: round(float(w), 4) for u, w in zip(agg.updates, weights)})
+        return Aggregation(agg.updates, weights, compose_state(global_model, moved, agg.updates, weights))

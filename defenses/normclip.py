@@ -1,12 +1,14 @@
 """Norm thresholding (NormThr; Sun et al. 2019, "Can you really backdoor federated learning?")."""
 from defenses import DEFENSES, Defense
-from fl_core.updates import clip_rows, deltas, sample_weights, state_plus, weighted_mean
+from fl_core.hooks import Aggregation
+from fl_core.updates import clip_rows, deltas, median, set_delta
 
 
 @DEFENSES.register("normclip")
 class NormClipping(Defense):
-    """Clip each client update to L2 norm ``max_norm`` before FedAvg. ``max_norm: null`` (default) uses the
-    median norm of the round's updates (adaptive, as in FLAME's clipping)."""
+    """Clip each client update's parameters to L2 norm ``max_norm``, then FedAvg; the clipped models are
+    also the fusion's teachers. ``max_norm: null`` (default) uses the median norm of the round's updates
+    (adaptive, as in FLAME's clipping)."""
 
     consumes = frozenset({"updates"})
     parameter_space = True
@@ -16,13 +18,15 @@ class NormClipping(Defense):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self.max_norm = max_norm
 
-    def bound(self, matrix):
-        return matrix.norm(dim=1).median() if self.max_norm is None else self.max_norm
+    def clip(self, agg, global_model, ctx) -> Aggregation:
+        """The aggregation with every admitted model clipped in place; reports norms and the bound."""
+        matrix = deltas(agg.updates, global_model)
+        norms = matrix.norm(dim=1)
+        bound = float(median(norms)) if self.max_norm is None else self.max_norm
+        for update, row in zip(agg.updates, clip_rows(matrix, bound)):
+            set_delta(update, global_model, row)
+        ctx.report(norms=[round(float(n), 4) for n in norms], clip_bound=round(bound, 4))
+        return Aggregation(agg.updates, agg.weights)  # FedAvg of the clipped models
 
-    def clipped_mean(self, updates, global_model):
-        """Sample-weighted mean of the clipped update vectors."""
-        matrix = deltas(updates, global_model)
-        return weighted_mean(clip_rows(matrix, self.bound(matrix)), sample_weights(updates))
-
-    def aggregate(self, updates, global_model, ctx):
-        return state_plus(global_model, self.clipped_mean(updates, global_model))
+    def aggregate(self, agg, global_model, ctx):
+        return self.clip(agg, global_model, ctx)

@@ -3,13 +3,16 @@ import torch
 
 from defenses import DEFENSES, Defense
 from fl_core.metrics import predict
+from fl_core.seeding import torch_generator
+from fl_core.updates import median
 
 
 @DEFENSES.register("teacherfilter")
 class TeacherFilter(Defense):
-    """On (up to ``probe_size`` samples of) the synthetic set, measure each teacher's agreement with the
-    ensemble's majority vote. Teachers below median - ``k`` * MAD of the agreements are dropped
-    (``mode: drop``) or weighted by their agreement (``mode: downweight``). Works across architectures."""
+    """On a seeded random probe of ``probe_size`` synthetic samples (drawn anew each round), measure each
+    teacher's agreement with the ensemble's majority vote. Teachers below median - ``k`` * MAD of the
+    agreements are dropped (``mode: drop``: weight 0, they do not teach) or weighted by their agreement
+    (``mode: downweight``). Works across architectures."""
 
     consumes = frozenset({"updates", "synthetic"})
 
@@ -19,21 +22,20 @@ class TeacherFilter(Defense):
         if mode not in ("drop", "downweight"):
             raise ValueError(f"mode {mode!r} unknown; valid: drop, downweight")
         self.k, self.mode, self.probe_size = k, mode, probe_size
-        self._agreement: dict[int, float] = {}
 
     def on_fusion(self, plan, global_model, ctx):
-        images = plan.synthetic.images[: self.probe_size]
+        synthetic = ctx.synthetic
+        probe = torch.randperm(len(synthetic), generator=torch_generator(ctx.seed, "teacherfilter", ctx.round))
+        images = synthetic.images[probe[: self.probe_size].to(synthetic.images.device)]
         preds = torch.stack([predict(u.model, images, 500, ctx.device) for u in plan.teachers])
         votes = torch.nn.functional.one_hot(preds, ctx.num_classes).sum(0).argmax(-1)
-        agreement = (preds == votes).float().mean(1)
-        self._agreement = {u.client_id: float(a) for u, a in zip(plan.teachers, agreement)}
-        median = agreement.median()
-        mad = (agreement - median).abs().median().clamp_min(1e-3)
-        outlier = agreement < median - self.k * mad
-        if self.mode == "drop":
-            keep = [i for i in range(len(plan.teachers)) if not outlier[i]]
-            plan.teachers = [plan.teachers[i] for i in keep]
-            plan.teacher_weights = plan.teacher_weights[keep]
-        else:
-            plan.teacher_weights = plan.teacher_weights * torch.where(outlier, agreement, torch.ones_like(agreement))
+        agreement = (preds == votes).float().mean(1).cpu()
+        centre = median(agreement)
+        mad = median((agreement - centre).abs()).clamp_min(1e-3)
+        outlier = agreement < centre - self.k * mad
+        factor = torch.where(outlier, torch.zeros_like(agreement) if self.mode == "drop" else agreement,
+                             torch.ones_like(agreement))
+        plan.teacher_weights = plan.teacher_weights * factor
+        ctx.report(agreement={u.client_id: round(float(a), 4) for u, a in zip(plan.teachers, agreement)},
+                   dropped=[u.client_id for u, o in zip(plan.teachers, outlier) if o and self.mode == "drop"])
         return plan

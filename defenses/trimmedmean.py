@@ -2,7 +2,8 @@
 import torch
 
 from defenses import DEFENSES, Defense
-from fl_core.updates import deltas, state_plus
+from fl_core.hooks import Aggregation
+from fl_core.updates import compose_state, deltas
 
 
 def trimmed_mean(matrix: torch.Tensor, trim: int) -> torch.Tensor:
@@ -15,7 +16,7 @@ def trimmed_mean(matrix: torch.Tensor, trim: int) -> torch.Tensor:
 @DEFENSES.register("trimmedmean")
 class TrimmedMean(Defense):
     """Drop the ``beta`` share (default 0.1, at least one when beta > 0) of the largest and of the smallest
-    values of each coordinate, average the rest."""
+    values of each parameter, average the rest; no client is rejected, all teach."""
 
     consumes = frozenset({"updates"})
     parameter_space = True
@@ -25,7 +26,7 @@ class TrimmedMean(Defense):
             raise ValueError(f"beta must be in [0, 0.5), got {beta}")
         self.beta = beta
 
-    def aggregate(self, updates, global_model, ctx):
-        n = len(updates)
-        trim = max(1, int(self.beta * n)) if self.beta > 0 else 0
-        return state_plus(global_model, trimmed_mean(deltas(updates, global_model), trim))
+    def aggregate(self, agg, global_model, ctx):
+        trim = max(1, int(self.beta * len(agg.updates))) if self.beta > 0 else 0
+        moved = trimmed_mean(deltas(agg.updates, global_model), trim)
+        return Aggregation(agg.updates, agg.weights, compose_state(global_model, moved, agg.updates, agg.weights))

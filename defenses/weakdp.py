@@ -4,13 +4,20 @@ import torch
 from defenses import DEFENSES
 from defenses.normclip import NormClipping
 from fl_core.seeding import torch_generator
-from fl_core.updates import parameter_mask, state_plus
+from fl_core.updates import add_noise, parameter_keys
+
+
+def parameter_noise(global_model, sigma: float, seed: int, *keys) -> torch.Tensor:
+    """Seeded N(0, sigma^2) over the flat trainable parameters."""
+    count = sum(global_model.state_dict()[k].numel() for k in parameter_keys(global_model))
+    return sigma * torch.randn(count, generator=torch_generator(seed, *keys))
 
 
 @DEFENSES.register("weakdp")
 class WeakDP(NormClipping):
     """Clip updates (``max_norm``, default the median norm), average, add N(0, ``sigma``^2) to every
-    parameter (not BN statistics) of the new global model (Sun et al. use sigma = 0.025)."""
+    parameter (not BN statistics) of the new global model (Sun et al. use sigma = 0.025). The same noise
+    is added to every clipped teacher, so fusion distils from what the aggregate is made of."""
 
     def __init__(self, max_norm: float | None = None, sigma: float = 0.025):
         super().__init__(max_norm)
@@ -18,7 +25,6 @@ class WeakDP(NormClipping):
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         self.sigma = sigma
 
-    def aggregate(self, updates, global_model, ctx):
-        mean = self.clipped_mean(updates, global_model)
-        noise = torch.randn(mean.shape, generator=torch_generator(ctx.seed, "weakdp", ctx.round)).to(mean.device)
-        return state_plus(global_model, mean + self.sigma * noise * parameter_mask(global_model).to(mean.device))
+    def aggregate(self, agg, global_model, ctx):
+        noise = parameter_noise(global_model, self.sigma, ctx.seed, "weakdp", ctx.round)
+        return add_noise(self.clip(agg, global_model, ctx), global_model, noise)

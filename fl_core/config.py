@@ -246,7 +246,8 @@ class CellConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     attack: PluginConfig = field(default_factory=PluginConfig)
-    defense: PluginConfig = field(default_factory=PluginConfig)
+    # one defense, or a list applied in order at every hook (fl_core.hooks.DefenseChain)
+    defense: PluginConfig | list[PluginConfig] = field(default_factory=PluginConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -256,6 +257,10 @@ class CellConfig:
         if not with_runtime:
             out.pop("runtime")
         return out
+
+    def defenses(self) -> list[PluginConfig]:
+        """The defense configs in the order they apply (one for a single defense)."""
+        return list(self.defense) if isinstance(self.defense, list) else [self.defense]
 
     def key(self) -> str:
         """Short content hash of everything that changes results (runtime excluded)."""
@@ -439,8 +444,9 @@ def validate(cfg: CellConfig) -> CellConfig:
     from fl_core import models, synthetic
     from fl_core.data import dataset_facts
     from fl_core.hooks import describe
-    import attacks
-    import defenses
+    from fl_core.plugins import registries
+
+    reg = registries()
 
     d = cfg.data
     _check(bool(d.dataset) and "/" not in d.dataset, "data.dataset",
@@ -499,7 +505,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     _check(b.source is None or (b.source < facts.classes and b.source != b.target), "backdoor.source",
            f"{b.source} must be a class of {d.dataset} (0-{facts.classes - 1}) other than the target")
     try:
-        trigger_cls = attacks.TRIGGERS.get(b.trigger.kind)
+        trigger_cls = reg.triggers.get(b.trigger.kind)
     except KeyError as err:
         raise ConfigError(f"backdoor.trigger.kind: {err.args[0]}") from err
     b.trigger.params = check_param_types(trigger_cls, b.trigger.params, "backdoor.trigger.params")
@@ -507,11 +513,20 @@ def validate(cfg: CellConfig) -> CellConfig:
         trigger_cls(**b.trigger.params).apply(torch_zeros(facts.shape))  # does it fit the images?
     except (TypeError, ValueError) as err:
         raise ConfigError(f"backdoor.trigger: {err}") from err
-    for key, registry, plugin in (("attack", attacks.ATTACKS, cfg.attack), ("defense", defenses.DEFENSES, cfg.defense)):
+    _check(len(cfg.defenses()) >= 1, "defense", "an empty list: name at least one defense (or {name: none})")
+    many = isinstance(cfg.defense, list)
+    named = [("attack", reg.attacks, cfg.attack)] + [
+        (f"defense[{i}]" if many else "defense", reg.defenses, d) for i, d in enumerate(cfg.defenses())]
+    for key, registry, plugin in named:
         try:
             cls = registry.get(plugin.name)
         except KeyError as err:
             raise ConfigError(f"{key}.name: {err.args[0]}") from err
+        try:
+            if hasattr(cls, "check_consumes"):
+                cls.check_consumes()
+        except ValueError as err:
+            raise ConfigError(f"{key}.name: defense {plugin.name!r} {err}") from err
         params = check_param_types(cls, plugin.params, f"{key}.params")
         try:
             instance = cls(**params)

@@ -79,6 +79,21 @@ class ImageData:
         return len(self.classes)
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What FM providers and attacks may know of a dataset: metadata, no image of any split."""
+
+    name: str
+    classes: list[str]
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
 @dataclass
 class Dataset:
     name: str
@@ -95,6 +110,9 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(self.name, list(self.train.classes), self.image_shape, self.mean, self.std)
 
 
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:

@@ -26,13 +26,15 @@ from torch import nn
 from fl_core.config import CellConfig
 from fl_core.data import (Dataset, ImageData, load_dataset, partition, resolve_data_root, stratified_split,
                           training_loader)
-from fl_core.hooks import ClientUpdate, FusionPlan, ServerContext, State
-from fl_core.metrics import backdoor_test_set, evaluate
+from fl_core.hooks import Aggregation, ClientTraining, ClientUpdate, DefenseChain, FusionPlan, ServerContext, State
+from fl_core.metrics import backdoor_test_set, client_detection, evaluate, sample_detection
 from fl_core.models import build_model
 from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit
+from fl_core.plugins import Plugins, build_plugins
 from fl_core.seeding import derive_seed, numpy_rng
 from fl_core.storage import load_tensors, save_tensors, tensor_digest, write_json
 from fl_core.synthetic import SyntheticRequest, synthetic_set
+from fl_core.updates import fedavg, sample_weights
 
 
 class DivergedError(RuntimeError):
@@ -65,7 +67,7 @@ class Setup:
         return "gpu" if self.device.type == "cuda" else "cpu"
 
     def synthetic_request(self) -> SyntheticRequest:
-        return SyntheticRequest(self.cfg.synthetic, self.dataset, self.public, self.cfg.seed, self.cache_dir,
+        return SyntheticRequest(self.cfg.synthetic, self.dataset.info(), self.public, self.cfg.seed, self.cache_dir,
                                 self.device)
 
 
@@ -93,25 +95,12 @@ def prepare(cfg: CellConfig) -> Setup:
     return Setup(cfg, ds, clients, ds.train.subset(public_idx), test, device, cache_dir)
 
 
-def fedavg(states: list[State], weights: list[float]) -> State:
-    """Weighted mean of floating-point entries; integer buffers (BN counters) from the first state."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    w = w / w.sum()
-    out = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            stacked = torch.stack([s[key].double() for s in states])
-            out[key] = torch.einsum("n,n...->...", w.to(stacked.device), stacked).to(first.dtype)
-        else:
-            out[key] = first.clone()
-    return out
-
-
-def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
-    """The clients of ``round_idx`` (sorted), a seeded draw without replacement."""
-    if per_round >= num_clients:
-        return list(range(num_clients))
-    return sorted(numpy_rng(seed, "sample", round_idx).choice(num_clients, per_round, replace=False).tolist())
+def sample_clients(pool: list[int], per_round: int, seed: int, round_idx: int) -> list[int]:
+    """The clients of ``round_idx`` (sorted): a seeded draw without replacement from ``pool``."""
+    if per_round >= len(pool):
+        return sorted(pool)
+    return sorted(np.asarray(pool)[numpy_rng(seed, "sample", round_idx).choice(len(pool), per_round,
+                                                                                replace=False)].tolist())
 
 
 def versions() -> dict:
@@ -228,158 +217,249 @@ def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, setup: S
     cache.save(key, {"models": [cpu_state(m) for m in models]})
 
 
-def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=print) -> dict:
-    """Run one experiment cell; writes ``record.json`` and ``models/`` under ``out_dir`` if given."""
-    import attacks
-    import defenses
+class FederatedRun:
+    """One cell's FL run with constructed plugins; one method per stage of a round, in order:
+    ``select_clients`` -> ``train_clients`` -> ``filter_updates`` -> ``aggregate`` -> ``fuse`` ->
+    ``finish_round`` -> ``evaluate`` (the README's hook table names which hook each stage calls)."""
 
-    started = time.time()
-    L.seed_everything(cfg.seed, verbose=False)
-    setup = prepare(cfg)
-    device, seed, acc = setup.device, cfg.seed, setup.accelerator
-    attack = attacks.ATTACKS.get(cfg.attack.name)(**cfg.attack.params)
-    defense = defenses.DEFENSES.get(cfg.defense.name)(**cfg.defense.params)
-    trigger = attacks.make_trigger(cfg.backdoor.trigger)
-    specs = cfg.model.specs()
-    n_clients, n_protos = cfg.fl.num_clients, len(specs)
-    if defense.parameter_space and n_protos > 1:
-        raise NotImplementedError(f"defense {cfg.defense.name!r} compares parameters across clients and "
-                                  "cannot apply to heterogeneous prototypes")
+    def __init__(self, cfg: CellConfig, setup: Setup, plugins: Plugins, log=print):
+        self.cfg, self.setup, self.log = cfg, setup, log
+        self.attack, self.trigger = plugins.attack, plugins.trigger
+        self.defense = plugins.defense if isinstance(plugins.defense, DefenseChain) else DefenseChain([plugins.defense])
+        self.device, self.seed = setup.device, cfg.seed
+        specs = cfg.model.specs()
+        self.n_clients, self.n_protos = cfg.fl.num_clients, len(specs)
+        if self.defense.parameter_space and self.n_protos > 1:
+            raise NotImplementedError(f"defense {self.defense.name!r} compares parameters across clients and "
+                                      "cannot apply to heterogeneous prototypes")
+        request = setup.synthetic_request()
+        self.attack.bind(cfg.backdoor, self.trigger, fm=request)
+        synthetic, self.manifest = synthetic_set(request)
+        self.syn = {stage: self.attack.poison_synthetic(synthetic, stage, self.seed).to(self.device)
+                    for stage in ("pretrain", "fusion")}
+        fusion = self.syn["fusion"]
+        self.server_synthetic = ImageData(fusion.images, fusion.labels, fusion.classes)  # what the server can see
+        self.malicious = sorted(set(self.attack.malicious_clients(self.n_clients, self.seed)))
+        self.clients = [self.attack.poison_client_data(i, d, self.seed) if i in self.malicious else d
+                        for i, d in enumerate(setup.clients)]
+        self.proto_of = [i % self.n_protos for i in range(self.n_clients)]
+        self.models = initial_models(cfg, setup)
+        self.backdoor_set = backdoor_test_set(setup.test, cfg.backdoor, self.trigger, self.seed)
+        self.cache = StageCache(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None)
+        self.rounds: list[dict] = []
+        self.timers = {name: _Timer() for name in ("defense", "local", "fusion")}
 
-    request = setup.synthetic_request()
-    attack.bind(cfg.backdoor, trigger, fm=request)
-    synthetic, manifest = synthetic_set(request)
-    syn = {stage: attack.poison_synthetic(synthetic, stage, seed).to(device) for stage in ("pretrain", "fusion")}
-    malicious = sorted(set(attack.malicious_clients(n_clients, seed)))
-    clients = [attack.poison_client_data(i, d, seed) if i in malicious else d for i, d in enumerate(setup.clients)]
-    proto_of = [i % n_protos for i in range(n_clients)]
-    proto_clients = [proto_of.count(p) for p in range(n_protos)]
-    k = setup.dataset.num_classes
+    def context(self, r: int) -> ServerContext:
+        f = self.cfg.fl
+        return ServerContext(round=r, seed=self.seed, device=self.device, num_classes=self.setup.dataset.num_classes,
+                             synthetic=self.server_synthetic, num_prototypes=self.n_protos, rounds=f.rounds,
+                             client_training=ClientTraining(f.client, f.local_epochs, self.cfg.data.augment))
 
-    models = initial_models(cfg, setup)
+    def prototype_context(self, ctx: ServerContext, p: int) -> ServerContext:
+        """With several prototypes, each prototype's hooks report into their own decision dict."""
+        if self.n_protos == 1:
+            return ctx
+        return dataclasses.replace(ctx, decisions=ctx.decisions.setdefault(f"prototype{p}", {}))
 
-    backdoor_set = backdoor_test_set(setup.test, cfg.backdoor, trigger, seed)
-    rounds: list[dict] = []
+    # ------------------------------------------------------------ stages of a round
 
-    def record_round(r: int, seconds: float, defense_seconds: float) -> dict:
-        per_proto = [evaluate(m, setup.test, backdoor_set, cfg.eval.batch_size, device) for m in models]
-        w = np.array(proto_clients, dtype=float) / n_clients
-        row = {"round": r, **{m: float(sum(wi * pm[m] for wi, pm in zip(w, per_proto))) for m in ("acc", "asr", "ra")},
-               "seconds": seconds, "defense_seconds": defense_seconds}
-        if n_protos > 1:
-            row["prototypes"] = per_proto
-        if not all(math.isfinite(row[m]) for m in ("acc", "asr", "ra")):
-            raise DivergedError(f"round {r}: non-finite metrics {row}")
-        rounds.append(row)
-        return row
+    def select_clients(self, r: int, ctx: ServerContext) -> list[int]:
+        """The defense's eligible clients, the seeded draw among them, the attack's adjustment."""
+        with self.timers["defense"]():
+            pool = self.defense.eligible_clients(list(range(self.n_clients)), ctx)
+            for p, model in enumerate(self.models):
+                self.defense.before_round(model, p, self.prototype_context(ctx, p))
+        drawn = sample_clients(pool, self.cfg.fl.clients_per_round, self.seed, r)
+        return self.attack.select_clients(drawn, r, self.n_clients, self.seed)
 
-    cache = StageCache(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None)
-    t0 = time.perf_counter()
-    pretrain(models, syn["pretrain"], cfg, setup, cache)
-    pre = record_round(0, time.perf_counter() - t0, 0.0)
-    log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
-
-    bar = _progress(cfg)
-    for r in range(1, cfg.fl.rounds + 1):
-        t_round, d_time, local_time, fusion_time = time.perf_counter(), _Timer(), _Timer(), _Timer()
-        ctx = ServerContext(round=r, seed=seed, device=device, num_classes=k, synthetic=syn["fusion"],
-                            num_prototypes=n_protos, rounds=cfg.fl.rounds)
-        updates: list[ClientUpdate] = []
-        with d_time():
-            for p, model in enumerate(models):
-                defense.before_round(model, p, ctx)
-        selected = attack.select_clients(sample_clients(n_clients, cfg.fl.clients_per_round, seed, r), r,
-                                         n_clients, seed)
-        epochs = {cid: attack.local_epochs(cid, cfg.fl.local_epochs) if cid in malicious else cfg.fl.local_epochs
+    def train_clients(self, r: int, selected: list[int], ctx: ServerContext) -> list[ClientUpdate]:
+        """Local training of every selected client on a copy of its prototype's global model (round 1
+        from the stage cache while the defense leaves the broadcast alone); malicious updates poisoned."""
+        cfg, attack = self.cfg, self.attack
+        epochs = {cid: attack.local_epochs(cid, cfg.fl.local_epochs) if cid in self.malicious else cfg.fl.local_epochs
                   for cid in selected}
-        round_key = cache.key("clients", r, model_digest(models), selected, [data_digest(clients[c]) for c in selected],
-                              epochs, malicious, attack.describe(), dataclasses.asdict(cfg.fl.client),
-                              training_settings(cfg, device)) if r == 1 and not defense.changes_broadcast(r) else None
-        trained = (cache.load(round_key) if round_key else None) or {}
-        fresh = {}
+        round_key = self.cache.key(
+            "clients", r, model_digest(self.models), selected, [data_digest(self.clients[c]) for c in selected],
+            epochs, self.malicious, attack.describe(), dataclasses.asdict(cfg.fl.client),
+            training_settings(cfg, self.device)) if r == 1 and not self.defense.changes_broadcast(r) else None
+        trained = (self.cache.load(round_key) if round_key else None) or {}
+        fresh, updates = {}, []
         for cid in selected:
-            p = proto_of[cid]
-            local = copy.deepcopy(models[p])
-            data = clients[cid]
+            p = self.proto_of[cid]
+            local = copy.deepcopy(self.models[p])
+            data = self.clients[cid]
             # asked even when cached: an attack may track the rounds it saw (Neurotoxin's mask)
-            callbacks = attack.training_callbacks(cid, models[p], ctx) if cid in malicious else None
+            callbacks = attack.training_callbacks(cid, self.models[p], ctx) if cid in self.malicious else None
             if f"client{cid}" in trained:
                 local.load_state_dict(trained[f"client{cid}"])
                 local.train()
             else:
-                loader = training_loader(data, cfg.fl.client.batch_size, derive_seed(seed, "local", r, cid),
+                loader = training_loader(data, cfg.fl.client.batch_size, derive_seed(self.seed, "local", r, cid),
                                          cfg.data.augment)
-                with local_time():
-                    fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(seed, "aug", r, cid),
+                with self.timers["local"]():
+                    fit(SupervisedModule(local, cfg.fl.client, cfg.data.augment, derive_seed(self.seed, "aug", r, cid),
                                          stamp_trigger(data)),
-                        loader, acc, max_epochs=epochs[cid], callbacks=callbacks, precision=cfg.precision)
+                        loader, self.setup.accelerator, max_epochs=epochs[cid], callbacks=callbacks,
+                        precision=cfg.precision)
                 if round_key:
                     fresh[f"client{cid}"] = cpu_state(local)
             update = ClientUpdate(cid, p, len(data), local)
-            if cid in malicious:
-                update = attack.poison_update(update, models[p], ctx)
-            with d_time():
-                update = defense.filter_update(update, models[p], ctx)
-            if update is not None:
-                updates.append(update)
+            if cid in self.malicious:
+                update = attack.poison_update(update, self.models[p], ctx)
+            updates.append(update)
         if round_key and fresh:
-            cache.save(round_key, {**trained, **fresh})
-        for p, model in enumerate(models):
-            mine = [u for u in updates if u.prototype == p]
-            if mine:
-                with d_time():
-                    state = defense.aggregate(mine, model, ctx)
-                if state is None:
-                    state = fedavg([u.state() for u in mine], [u.num_samples for u in mine])
-                model.load_state_dict(state)
-            if cfg.fl.fusion == "feddf" and updates and cfg.fusion.steps > 0:
-                plan = FusionPlan(p, list(updates), torch.ones(len(updates)), syn["fusion"])
-                with d_time():
-                    plan = defense.on_fusion(plan, model, ctx)
-                if plan.teachers:
-                    teachers = [u.model for u in plan.teachers]
-                    with fusion_time():
-                        targets = None if cfg.fusion.augment else ensemble_outputs(teachers, plan.teacher_weights,
-                                                                                   plan.synthetic.images)
-                        loader = training_loader(plan.synthetic, cfg.fusion.optim.batch_size,
-                                                 derive_seed(seed, "fusion", r, p), cfg.fusion.augment,
-                                                 steps=cfg.fusion.steps, targets=targets)
-                        module = FusionModule(model, teachers, plan.teacher_weights, cfg.fusion,
-                                              derive_seed(seed, "fusion-aug", r, p), trigger=stamp_trigger(plan.synthetic))
-                        fit(module, loader, acc, callbacks=plan.callbacks, precision=cfg.precision)
-            with d_time():
-                models[p] = defense.after_round(model, p, ctx)
-            _check_finite(models[p], f"round {r}")
-        seconds = time.perf_counter() - t_round
-        if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
-            row = record_round(r, seconds, d_time.seconds)
-            row.update(local_seconds=local_time.seconds, fusion_seconds=fusion_time.seconds,
-                       malicious_selected=[c for c in selected if c in malicious])
-            bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
-        bar.update(1)
-    bar.close()
+            self.cache.save(round_key, {**trained, **fresh})
+        return updates
 
-    final = rounds[-1]
-    record = {
-        "key": cfg.key(),
-        "config": cfg.to_dict(with_runtime=False),
-        "attack": attack.describe(),
-        "defense": defense.describe(),
-        "metrics": {m: final[m] for m in ("acc", "asr", "ra")},
-        "prototype_metrics": final.get("prototypes"),
-        "rounds": rounds,
-        "malicious_clients": malicious,
-        "client_sizes": [len(c) for c in setup.clients],
-        "synthetic": {k_: manifest[k_] for k_ in ("provider", "size", "content_sha256")},
-        "dataset_source": setup.dataset.source,
-        "wall_seconds": time.time() - started,
-        "train_seconds": time.perf_counter() - t0,
-        "defense_seconds": float(sum(r_.get("defense_seconds", 0.0) for r_ in rounds)),
-        "device": str(device),
-        "versions": versions(),
-    }
+    def filter_updates(self, updates: list[ClientUpdate], ctx: ServerContext) -> list[ClientUpdate]:
+        kept = []
+        with self.timers["defense"]():
+            for u in updates:
+                u = self.defense.filter_update(u, self.models[u.prototype], self.prototype_context(ctx, u.prototype))
+                if u is not None:
+                    kept.append(u)
+        return kept
+
+    def aggregate(self, updates: list[ClientUpdate], ctx: ServerContext) -> list[Aggregation]:
+        """Each prototype's aggregation as the defense decides it; the new global states are loaded."""
+        out = []
+        for p, model in enumerate(self.models):
+            mine = [u for u in updates if u.prototype == p]
+            agg = Aggregation(mine, torch.ones(len(mine)))
+            if mine:
+                with self.timers["defense"]():
+                    agg = self.defense.aggregate(agg, model, self.prototype_context(ctx, p))
+                model.load_state_dict(agg.state if agg.state is not None else
+                                      fedavg([u.state() for u in agg.updates], agg.weights.float() *
+                                             sample_weights(agg.updates)) if agg.updates else model.state_dict())
+            out.append(agg)
+        return out
+
+    def fuse(self, aggregations: list[Aggregation], ctx: ServerContext) -> list[torch.Tensor]:
+        """FedDF: each prototype's student distils from the admitted updates of every prototype (with their
+        weights) on the synthetic samples the defense keeps. Returns each prototype's kept-sample mask."""
+        cfg = self.cfg
+        teachers = [u for agg in aggregations for u, w in zip(agg.updates, agg.weights) if w > 0]
+        weights = torch.cat([agg.weights[agg.weights > 0] for agg in aggregations]) if teachers else torch.ones(0)
+        kept_masks = []
+        if cfg.fl.fusion != "feddf" or cfg.fusion.steps == 0 or not teachers:
+            return kept_masks
+        full = self.syn["fusion"]
+        for p, model in enumerate(self.models):
+            plan = FusionPlan(p, list(teachers), weights.clone(), torch.ones(len(full), dtype=torch.bool))
+            with self.timers["defense"]():
+                plan = self.defense.on_fusion(plan, model, self.prototype_context(ctx, p))
+            kept_masks.append(plan.keep.cpu())
+            active = [i for i, w in enumerate(plan.teacher_weights) if w > 0]
+            if not active or not plan.keep.any():
+                continue
+            models = [plan.teachers[i].model for i in active]
+            teacher_weights = plan.teacher_weights if len(active) == len(plan.teachers) else plan.teacher_weights[active]
+            data = full if plan.keep.all() else full.subset(plan.keep.nonzero().flatten())
+            with self.timers["fusion"]():
+                targets = None if cfg.fusion.augment else ensemble_outputs(models, teacher_weights, data.images)
+                loader = training_loader(data, cfg.fusion.optim.batch_size, derive_seed(self.seed, "fusion", ctx.round, p),
+                                         cfg.fusion.augment, steps=cfg.fusion.steps, targets=targets)
+                module = FusionModule(model, models, teacher_weights, cfg.fusion,
+                                      derive_seed(self.seed, "fusion-aug", ctx.round, p), trigger=stamp_trigger(data))
+                fit(module, loader, self.setup.accelerator, callbacks=plan.callbacks, precision=cfg.precision)
+        return kept_masks
+
+    def finish_round(self, ctx: ServerContext) -> None:
+        """The defense's last word on each global model (e.g. repair), then a finiteness check."""
+        for p, model in enumerate(self.models):
+            with self.timers["defense"]():
+                self.models[p] = self.defense.after_round(model, p, self.prototype_context(ctx, p))
+            _check_finite(self.models[p], f"round {ctx.round}")
+
+    def evaluate(self, r: int, seconds: float) -> dict:
+        """ACC / ASR / RA of the global model(s) on the test data (never seen by a defense)."""
+        cfg = self.cfg
+        per_proto = [evaluate(m, self.setup.test, self.backdoor_set, cfg.eval.batch_size, self.device) for m in self.models]
+        share = [self.proto_of.count(p) / self.n_clients for p in range(self.n_protos)]
+        row = {"round": r, **{m: float(sum(w * pm[m] for w, pm in zip(share, per_proto))) for m in ("acc", "asr", "ra")},
+               "seconds": seconds, "defense_seconds": self.timers["defense"].seconds}
+        if self.n_protos > 1:
+            row["prototypes"] = per_proto
+        if not all(math.isfinite(row[m]) for m in ("acc", "asr", "ra")):
+            raise DivergedError(f"round {r}: non-finite metrics {row}")
+        self.rounds.append(row)
+        return row
+
+    def decisions(self, selected: list[int], aggregations: list[Aggregation], kept_masks: list[torch.Tensor],
+                  ctx: ServerContext) -> dict:
+        """The round's decisions and their scores against the ground truth the runner alone knows:
+        client-level detection (rejected = not admitted, or weight 0) and, where the defense flagged
+        synthetic samples, recall / precision against the attack's poisoned ones."""
+        admitted = sorted({cid for agg in aggregations for cid in agg.teachers()})
+        malicious = [c for c in selected if c in self.malicious]
+        row = {"malicious_selected": malicious, "admitted": admitted,
+               **client_detection(selected, malicious, admitted)}
+        flagged = set(ctx.decisions.get("flagged_synthetic", []))
+        for mask in kept_masks:
+            flagged |= set((~mask).nonzero().flatten().tolist())
+        row.update(sample_detection(flagged, self.attack.poisoned_samples("fusion"), bool(ctx.decisions.get(
+            "flagged_synthetic") is not None or any((~m).any() for m in kept_masks))))
+        row["decisions"] = {k: v for k, v in ctx.decisions.items() if k != "flagged_synthetic"}
+        return row
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        pretrain(self.models, self.syn["pretrain"], cfg, self.setup, self.cache)
+        pre = self.evaluate(0, time.perf_counter() - t0)
+        self.log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
+        bar = _progress(cfg)
+        for r in range(1, cfg.fl.rounds + 1):
+            t_round, before = time.perf_counter(), {k: t.seconds for k, t in self.timers.items()}
+            ctx = self.context(r)
+            selected = self.select_clients(r, ctx)
+            updates = self.filter_updates(self.train_clients(r, selected, ctx), ctx)
+            aggregations = self.aggregate(updates, ctx)
+            kept = self.fuse(aggregations, ctx)
+            self.finish_round(ctx)
+            if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
+                row = self.evaluate(r, time.perf_counter() - t_round)
+                row.update(defense_seconds=self.timers["defense"].seconds - before["defense"],
+                           local_seconds=self.timers["local"].seconds - before["local"],
+                           fusion_seconds=self.timers["fusion"].seconds - before["fusion"],
+                           **self.decisions(selected, aggregations, kept, ctx))
+                bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
+            bar.update(1)
+        bar.close()
+        final = self.rounds[-1]
+        return {
+            "key": cfg.key(),
+            "config": cfg.to_dict(with_runtime=False),
+            "attack": self.attack.describe(),
+            "defense": self.defense.describe(),
+            "metrics": {m: final[m] for m in ("acc", "asr", "ra")},
+            "prototype_metrics": final.get("prototypes"),
+            "rounds": self.rounds,
+            "malicious_clients": self.malicious,
+            "client_sizes": [len(c) for c in self.setup.clients],
+            "synthetic": {k: self.manifest[k] for k in ("provider", "size", "content_sha256")},
+            "dataset_source": self.setup.dataset.source,
+            "train_seconds": time.perf_counter() - t0,
+            "defense_seconds": self.timers["defense"].seconds,
+            "device": str(self.device),
+            "versions": versions(),
+        }
+
+
+def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=print, plugins: Plugins | None = None) -> dict:
+    """Run one experiment cell with ``plugins`` (built from the config's names when None); writes
+    ``record.json`` and ``models/`` under ``out_dir`` if given."""
+    started = time.time()
+    L.seed_everything(cfg.seed, verbose=False)
+    setup = prepare(cfg)
+    run = FederatedRun(cfg, setup, plugins or build_plugins(cfg), log)
+    record = run.run()
+    record["wall_seconds"] = time.time() - started
     if out_dir is not None:
-        save_cell(record, models, Path(out_dir), defense.state_dict())
+        save_cell(record, run.models, Path(out_dir), run.defense.state_dict())
     return record
 
 

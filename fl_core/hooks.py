@@ -6,6 +6,7 @@ its own state) and never test data: no hook's arguments carry it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -18,21 +19,68 @@ Stage = Literal["pretrain", "fusion"]
 State = dict[str, torch.Tensor]
 
 
+CONSUMABLE = ("updates", "synthetic")  # what a defense may declare in ``consumes``
+
+
+class Withheld:
+    """Stands in for server data a defense did not declare in ``consumes``: any use raises."""
+
+    def __init__(self, defense: str, what: str):
+        self._why = (f"defense {defense!r} reads {what} but does not declare {what.split('.')[-1]!r} in "
+                     f"consumes (valid: {', '.join(CONSUMABLE)})")
+
+    def __getattr__(self, name):
+        raise PermissionError(object.__getattribute__(self, "_why"))
+
+    def __iter__(self):
+        raise PermissionError(self._why)
+
+    def __len__(self):
+        raise PermissionError(self._why)
+
+    def __getitem__(self, index):
+        raise PermissionError(self._why)
+
+
+@dataclass
+class ClientTraining:
+    """The local training the server prescribes to benign clients."""
+
+    optim: object  # OptimConfig
+    epochs: int
+    augment: bool
+
+
 @dataclass
 class ServerContext:
-    """What the server knows in a round."""
+    """What the server knows in a round. ``synthetic`` is the set as the FM delivered it (which samples
+    an attack poisoned is not part of it); ``client_training`` is what the server prescribes to clients. ``report`` is the decision channel: what a defense decided this
+    round lands in the round's row of ``rounds.csv``."""
 
     round: int  # 0 = before the first round (pre-training), then 1..rounds
     seed: int
     device: torch.device
     num_classes: int
-    synthetic: ImageData  # the synthetic set the server distils on (as received from the FM)
+    synthetic: ImageData | None
     num_prototypes: int = 1
     rounds: int = 1  # total rounds of the run
+    client_training: ClientTraining | None = None
+    decisions: dict = field(default_factory=dict)
 
     @property
     def accelerator(self) -> str:
         return "gpu" if self.device.type == "cuda" else "cpu"
+
+    def report(self, **values) -> None:
+        """Record decisions of this round (JSON-friendly values: client ids, weights, norms, bound sizes;
+        ``flagged_synthetic``: indices of synthetic samples judged poisoned, scored by the runner)."""
+        self.decisions.update(values)
+
+    def restricted(self, defense: "Defense") -> "ServerContext":
+        """The view of this context that ``defense`` may read: undeclared data is withheld."""
+        if "synthetic" in defense.consumes:
+            return self
+        return dataclasses.replace(self, synthetic=Withheld(defense.name, "ctx.synthetic"))
 
 
 @dataclass
@@ -48,19 +96,44 @@ class ClientUpdate:
         return self.model.state_dict()
 
     def delta(self, global_model: nn.Module) -> State:
-        """Trained minus global floating-point parameters and buffers."""
-        glob = global_model.state_dict()
-        return {k: v - glob[k] for k, v in self.state().items() if v.is_floating_point()}
+        """Trained minus global values of the trainable parameters (BatchNorm statistics excluded)."""
+        glob, params = global_model.state_dict(), {name for name, _ in global_model.named_parameters()}
+        return {k: v - glob[k] for k, v in self.state().items() if k in params}
+
+
+@dataclass
+class Aggregation:
+    """One prototype's aggregation result, which fusion honours: the admitted updates (as the defense
+    transformed them: clipped, rescaled, noised) are the distillation's teachers, with ``weights``.
+
+    ``weights``: one trust value >= 0 per admitted update; its weight in the teacher ensemble, and times
+    ``num_samples`` its weight in FedAvg. ``state``: the new global state; None means that FedAvg."""
+
+    updates: list[ClientUpdate]
+    weights: torch.Tensor
+    state: State | None = None
+
+    def admit(self, index: list[int], weights: torch.Tensor | None = None, state: State | None = None) -> "Aggregation":
+        """The aggregation restricted to ``updates[index]`` (optionally new weights for them, a new state)."""
+        kept = self.weights[index] if weights is None else weights
+        return Aggregation([self.updates[i] for i in index], kept.float(), state)
+
+    def teachers(self) -> dict[int, float]:
+        """client id -> teacher weight of the admitted updates with a positive weight."""
+        return {u.client_id: float(w) for u, w in zip(self.updates, self.weights) if w > 0}
 
 
 @dataclass
 class FusionPlan:
-    """What one prototype's distillation will use; a defense may edit it in ``on_fusion``."""
+    """What one prototype's distillation will use; a defense may edit it in ``on_fusion``: the teachers'
+    weights (0 silences a teacher), ``keep`` (which synthetic samples are distilled on; the samples it
+    leaves out count as flagged) and extra Lightning callbacks. The teachers themselves come from the
+    aggregations (``Aggregation.updates``)."""
 
     prototype: int
     teachers: list[ClientUpdate]
     teacher_weights: torch.Tensor  # one non-negative weight per teacher
-    synthetic: ImageData
+    keep: torch.Tensor  # bool, one per sample of ctx.synthetic
     callbacks: list = field(default_factory=list)  # extra Lightning callbacks for the fusion Trainer
 
 
@@ -114,21 +187,36 @@ class Attack:
         """Lightning callbacks for a malicious client's local training (e.g. a per-step projection)."""
         return []
 
+    def poisoned_samples(self, stage: Stage) -> torch.Tensor | None:
+        """Indices of the synthetic samples this attack poisoned for ``stage``: the ground truth against
+        which the runner scores a defense's flags (never shown to a defense); None when none or unknown."""
+        return None
+
     def describe(self) -> dict:
         """Name and parameters, for the result record."""
         return describe(self)
 
 
 class Defense:
-    """Base class of defenses. ``consumes`` declares what server data the defense uses."""
+    """Base class of defenses; override only the hooks you need (every default changes nothing).
+
+    ``consumes`` declares what server data the defense reads: ``updates`` (client models, in
+    ``filter_update``, ``aggregate`` and ``plan.teachers``) and/or ``synthetic`` (``ctx.synthetic``);
+    the loop withholds what is not declared. The hooks run in the order of a round's stages:
+    ``eligible_clients`` -> ``before_round`` -> (local training) -> ``filter_update`` -> ``aggregate``
+    -> ``on_fusion`` -> ``after_round``. ``ctx.report(...)`` records what was decided."""
 
     name: ClassVar[str] = "none"
-    consumes: ClassVar[frozenset[str]] = frozenset()  # subset of {"updates", "synthetic"}
+    consumes: ClassVar[frozenset[str]] = frozenset()  # subset of CONSUMABLE
     parameter_space: ClassVar[bool] = False  # compares parameters across clients (same architecture only)
 
     def check(self, cfg) -> None:
         """Raise ValueError when this plugin cannot run on the resolved cell config ``cfg`` (called by the
         config check, before any compute); the default accepts every cell."""
+
+    def eligible_clients(self, clients: list[int], ctx: ServerContext) -> list[int]:
+        """The clients the round may sample from (a reputation defense leaves out those it banned)."""
+        return clients
 
     def before_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> None:
         """Called before the clients receive a copy of the global model."""
@@ -141,15 +229,16 @@ class Defense:
         return type(self).before_round is not Defense.before_round
 
     def filter_update(self, update: ClientUpdate, global_model: nn.Module, ctx: ServerContext) -> ClientUpdate | None:
-        """Inspect or change one update; return None to drop it."""
+        """Inspect or change one update; return None to reject it."""
         return update
 
-    def aggregate(self, updates: list[ClientUpdate], global_model: nn.Module, ctx: ServerContext) -> State | None:
-        """Replace the aggregation of one prototype's updates; None keeps the sample-weighted FedAvg."""
-        return None
+    def aggregate(self, agg: Aggregation, global_model: nn.Module, ctx: ServerContext) -> Aggregation:
+        """Decide one prototype's aggregation: which updates are admitted (and teach during fusion), as
+        what (transform their models), with what weight, and optionally the new global state."""
+        return agg
 
     def on_fusion(self, plan: FusionPlan, global_model: nn.Module, ctx: ServerContext) -> FusionPlan:
-        """Edit the distillation plan: teachers, their weights, the data, Lightning callbacks."""
+        """Edit the distillation plan: teacher weights, which synthetic samples, Lightning callbacks."""
         return plan
 
     def after_round(self, global_model: nn.Module, prototype: int, ctx: ServerContext) -> nn.Module:
@@ -163,6 +252,85 @@ class Defense:
     def describe(self) -> dict:
         """Name and parameters, for the result record."""
         return describe(self)
+
+    @classmethod
+    def check_consumes(cls) -> None:
+        """Raise ValueError when ``consumes`` names unknown data or misses ``updates`` although the defense
+        overrides a hook that reads client updates."""
+        unknown = set(cls.consumes) - set(CONSUMABLE)
+        if unknown:
+            raise ValueError(f"consumes names {sorted(unknown)}; valid: {', '.join(CONSUMABLE)}")
+        reads = [h for h in ("filter_update", "aggregate") if getattr(cls, h) is not getattr(Defense, h)]
+        if reads and "updates" not in cls.consumes:
+            raise ValueError(f"overrides {', '.join(reads)} (client updates) but does not declare 'updates' "
+                             "in consumes")
+
+
+class DefenseChain(Defense):
+    """Several defenses applied in order at every hook (``defense: [{name: krum}, {name: actbound}]``);
+    each member sees only the data it declares. A chain of one behaves exactly as its member."""
+
+    def __init__(self, members: list[Defense]):
+        if not members:
+            raise ValueError("a defense chain needs at least one defense")
+        self.members = members
+        self.name = "+".join(m.name for m in members)
+        self.consumes = frozenset().union(*(m.consumes for m in members))
+        self.parameter_space = any(m.parameter_space for m in members)
+
+    def check(self, cfg) -> None:
+        for m in self.members:
+            m.check(cfg)
+
+    def eligible_clients(self, clients, ctx):
+        for m in self.members:
+            clients = m.eligible_clients(clients, ctx.restricted(m))
+        return clients
+
+    def before_round(self, global_model, prototype, ctx):
+        for m in self.members:
+            m.before_round(global_model, prototype, ctx.restricted(m))
+
+    def changes_broadcast(self, round_idx):
+        return any(m.changes_broadcast(round_idx) for m in self.members)
+
+    def filter_update(self, update, global_model, ctx):
+        for m in self.members:
+            if update is None:
+                return None
+            update = m.filter_update(update, global_model, ctx.restricted(m))
+        return update
+
+    def aggregate(self, agg, global_model, ctx):
+        for m in self.members:
+            agg = m.aggregate(agg, global_model, ctx.restricted(m))
+        return agg
+
+    def on_fusion(self, plan, global_model, ctx):
+        for m in self.members:
+            if "updates" in m.consumes:
+                plan = m.on_fusion(plan, global_model, ctx.restricted(m))
+            else:  # the teachers are client models: withheld, and restored afterwards
+                teachers = plan.teachers
+                plan = m.on_fusion(dataclasses.replace(plan, teachers=Withheld(m.name, "plan.teachers")),
+                                   global_model, ctx.restricted(m))
+                plan.teachers = teachers
+        return plan
+
+    def after_round(self, global_model, prototype, ctx):
+        for m in self.members:
+            global_model = m.after_round(global_model, prototype, ctx.restricted(m))
+        return global_model
+
+    def state_dict(self):
+        if len(self.members) == 1:
+            return self.members[0].state_dict()
+        return {f"{i}/{k}": v for i, m in enumerate(self.members) for k, v in m.state_dict().items()}
+
+    def describe(self):
+        if len(self.members) == 1:
+            return self.members[0].describe()
+        return {"name": self.name, "chain": [m.describe() for m in self.members]}
 
 
 def describe(plugin) -> dict:

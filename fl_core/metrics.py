@@ -59,3 +59,30 @@ def evaluate(model: nn.Module, test: ImageData, backdoor_set: BackdoorTestSet, b
         "asr": accuracy(triggered, backdoor_set.targets, k),
         "ra": accuracy(triggered, backdoor_set.labels, k),
     }
+
+
+def _rate(hits: int, total: int) -> float | None:
+    return round(100.0 * hits / total, 2) if total else None
+
+
+def client_detection(selected: list[int], malicious: list[int], admitted: list[int]) -> dict:
+    """Client-level detection of a round in %: TPR = malicious selected clients not admitted, FPR = benign
+    selected clients not admitted (None where a group is empty)."""
+    rejected = [c for c in selected if c not in set(admitted)]
+    bad = set(malicious)
+    benign = [c for c in selected if c not in bad]
+    return {"rejected": rejected, "detection_tpr": _rate(sum(c in bad for c in rejected), len(bad)),
+            "detection_fpr": _rate(sum(c not in bad for c in rejected), len(benign))}
+
+
+def sample_detection(flagged: set[int], poisoned: torch.Tensor | None, flagging: bool) -> dict:
+    """Sample-level detection of synthetic poison in %: recall and precision of the ``flagged`` sample
+    indices against the attack's ``poisoned`` ones (None where not defined: no flagging defense, no
+    ground truth, nothing poisoned or nothing flagged)."""
+    if not flagging:
+        return {}
+    truth = set(poisoned.tolist()) if poisoned is not None else None
+    hits = len(flagged & truth) if truth is not None else 0
+    return {"flagged": len(flagged),
+            "flag_recall": _rate(hits, len(truth)) if truth is not None else None,
+            "flag_precision": _rate(hits, len(flagged)) if truth is not None else None}

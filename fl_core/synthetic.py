@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_core.config import DDPMConfig, SyntheticConfig
-from fl_core.data import Dataset, ImageData, batch_loader, to_float
+from fl_core.data import DatasetInfo, ImageData, batch_loader, to_float
 from fl_core.registry import Registry
 from fl_core.seeding import derive_seed, numpy_rng, torch_generator
 from fl_core.storage import load_tensors, read_json, save_tensors, tensor_digest, warn, write_json
@@ -37,7 +37,7 @@ class SyntheticRequest:
     """Everything a provider may use: never client data, never test data."""
 
     cfg: SyntheticConfig
-    dataset: Dataset  # for its name, classes, resolution and normalisation only
+    dataset: DatasetInfo  # name, classes, resolution and normalisation: no split of the dataset
     public: ImageData  # the public pool (what the FM "knows")
     seed: int
     cache_dir: Path
@@ -169,7 +169,7 @@ def ddpm(req: SyntheticRequest) -> ImageData:
                 eps = unet(x, t, class_labels=y).sample
                 x = scheduler.step(eps, t, x).prev_sample
             out.append(to_uint8((x.clamp(-1, 1) + 1) / 2, (h, w)))
-    return ImageData(torch.cat(out), labels, req.dataset.train.classes)
+    return ImageData(torch.cat(out), labels, req.dataset.classes)
 
 
 def to_uint8(x: torch.Tensor, size: tuple[int, int], channels: int | None = None) -> torch.Tensor:
@@ -214,7 +214,7 @@ def render(pipe, req: SyntheticRequest, prompts: list[str], seed: int) -> torch.
 def diffusers_pipeline(req: SyntheticRequest) -> ImageData:
     """Class-balanced images of a text-to-image pipeline, resized to the dataset resolution."""
     pipe = load_pipeline(req)
-    classes = req.dataset.train.classes
+    classes = req.dataset.classes
     prompts = class_prompts(req.cfg, classes)
     images, labels = [], []
     for k, count in enumerate(balanced_counts(req.cfg.size, len(classes))):
@@ -242,7 +242,7 @@ def synthetic_set(req: SyntheticRequest) -> tuple[ImageData, dict]:
     """The provider's output, from ``<cache>/synthetic/<key>/`` when present; returns (data, manifest)."""
     settings = {"provider": req.cfg.provider, "settings": dataclasses.asdict(req.cfg), "dataset": req.dataset.name,
                 "seed": req.seed}
-    return cached_images(req.cache_dir / "synthetic" / request_key(req), req.dataset.train.classes,
+    return cached_images(req.cache_dir / "synthetic" / request_key(req), req.dataset.classes,
                          lambda: PROVIDERS.get(req.cfg.provider)(req), settings)
 
 

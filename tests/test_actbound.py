@@ -104,10 +104,12 @@ def test_activation_filter_flags_triggered_synthetic_samples():
     syn = ImageData(torch.cat([clean.images, poisoned.images]), torch.cat([clean.labels, torch.zeros(30).long()]),
                     clean.classes)
     defense = DEFENSES.get("actbound")(filter="activation", steps=5)
-    plan = defense.on_fusion(FusionPlan(0, [], torch.ones(0), syn), model, _ctx(syn))
+    ctx = _ctx(syn)
+    plan = defense.on_fusion(FusionPlan(0, [], torch.ones(0), torch.ones(300, dtype=torch.bool)), model, ctx)
     flagged = defense._flagged[0]
     assert flagged[270:].all() and flagged[:270].float().mean() < 0.1
-    assert len(plan.synthetic) == 300 - int(flagged.sum())
+    assert torch.equal(plan.keep, ~flagged)  # left out of fusion
+    assert ctx.decisions["flagged_synthetic"] == flagged.nonzero().flatten().tolist()
 
 
 def test_fits_are_deterministic():

@@ -214,7 +214,7 @@ def _prompt_attack(tiny_root, tiny_pipeline, cache, **params):
     ds = load_dataset("tiny", tiny_root, cache)
     cfg = SyntheticConfig(provider="diffusers", size=8, diffusers=DiffusersConfig(
         pipeline=str(tiny_pipeline), steps=2, guidance_scale=1.0, batch_size=2))
-    req = SyntheticRequest(cfg, ds, ds.train.subset(torch.arange(0, 160, 2)), seed=0, cache_dir=cache,
+    req = SyntheticRequest(cfg, ds.info(), ds.train.subset(torch.arange(0, 160, 2)), seed=0, cache_dir=cache,
                            device=torch.device("cpu"))
     attack = ATTACKS.get("fm-prompt")(**params)
     attack.bind(BD, PatchTrigger(size=2), fm=req)

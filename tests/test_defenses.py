@@ -8,17 +8,19 @@ from torch import nn
 from defenses import DEFENSES
 from fl_core.config import ModelSpec
 from fl_core.data import ImageData
-from fl_core.hooks import ClientUpdate, FusionPlan, ServerContext
+from fl_core.config import OptimConfig
+from fl_core.hooks import Aggregation, ClientTraining, ClientUpdate, FusionPlan, ServerContext
 from fl_core.models import build_model
-from fl_core.updates import deltas
+from fl_core.updates import compose_state, deltas, median
 
 GLOBAL = nn.Linear(3, 1, bias=False)
 with torch.no_grad():
     GLOBAL.weight.zero_()
 
 
-def _ctx(round_idx=1, rounds=1, synthetic=None, seed=0):
-    return ServerContext(round_idx, seed, torch.device("cpu"), 4, synthetic, rounds=rounds)
+def _ctx(round_idx=1, rounds=1, synthetic=None, seed=0, lr=0.05):
+    training = ClientTraining(OptimConfig(optimizer="sgd", lr=lr, momentum=0.9, weight_decay=0.0, batch_size=16), 1, True)
+    return ServerContext(round_idx, seed, torch.device("cpu"), 4, synthetic, rounds=rounds, client_training=training)
 
 
 def _updates(vectors, sizes=None):
@@ -31,9 +33,19 @@ def _updates(vectors, sizes=None):
     return out
 
 
+def _start(updates):
+    return Aggregation(updates, torch.ones(len(updates)))
+
+
+def _decide(name, vectors, ctx=None, **params) -> Aggregation:
+    return DEFENSES.get(name)(**params).aggregate(_start(_updates(vectors)), GLOBAL, ctx or _ctx())
+
+
 def _aggregate(name, vectors, ctx=None, **params):
-    state = DEFENSES.get(name)(**params).aggregate(_updates(vectors), GLOBAL, ctx or _ctx())
-    return state["weight"].flatten()
+    from fl_core.updates import fedavg_of
+
+    agg = _decide(name, vectors, ctx, **params)
+    return (agg.state if agg.state is not None else fedavg_of(agg))["weight"].flatten()
 
 
 def test_krum_picks_the_central_update():
@@ -41,25 +53,49 @@ def test_krum_picks_the_central_update():
     assert torch.equal(_aggregate("krum", vectors), torch.zeros(3))
     multi = _aggregate("krum", vectors, multi=-1)  # n - f = 5 best: everything but the outlier
     assert torch.allclose(multi, torch.zeros(3))
+    assert [u.client_id for u in _decide("krum", vectors).updates] == [0]  # only the kept update teaches
+
+
+def test_multi_krum_averages_the_best_scored_updates():
+    # scores 11, 16, 59, 15, 37, 25: Multi-Krum (m = 3) keeps 0, 3, 1; repeating Krum would pick 0, 1, 2
+    vectors = [[-2, 2, 0], [-1, 0, 0], [3, -2, 0], [-2, 0, 0], [2, 1, 0], [-3, 3, 0]]
+    agg = _decide("krum", vectors, multi=3)
+    assert [u.client_id for u in agg.updates] == [0, 1, 3]
+    assert torch.allclose(agg.state["weight"].flatten(), torch.tensor([-5 / 3, 2 / 3, 0]))
 
 
 def test_median_and_trimmed_mean_per_coordinate():
     vectors = [[1, 10, 0], [2, 20, 0], [3, 30, 0], [4, 40, 0], [100, -100, 9]]
     assert torch.equal(_aggregate("median", vectors), torch.tensor([3.0, 20.0, 0.0]))
+    even = [[1, 10, 0], [2, 20, 0], [3, 30, 0], [4, 40, 0]]  # the mean of the two middle values
+    assert torch.equal(_aggregate("median", even), torch.tensor([2.5, 25.0, 0.0]))
     # beta 0.2 of 5 clients drops 1 lowest and 1 highest per coordinate
     assert torch.allclose(_aggregate("trimmedmean", vectors, beta=0.2), torch.tensor([3.0, 20.0, 0.0]))
+
+
+def test_true_median_is_unbiased_for_an_even_count():
+    values = torch.randn(10, 100_000, generator=torch.Generator().manual_seed(0))
+    assert abs(float(median(values, dim=0).mean())) < 0.01  # torch.median (lower middle) gives about -0.12
 
 
 def test_bulyan_ignores_the_outlier():
     vectors = [[1, 1, 1], [1.1, 0.9, 1], [0.9, 1.1, 1], [1, 1, 1.1], [1, 1, 0.9], [1.05, 1, 1], [-40, 40, 90]]
     assert torch.allclose(_aggregate("bulyan", vectors), torch.ones(3), atol=0.1)
+    assert 6 not in [u.client_id for u in _decide("bulyan", vectors).updates]
+
+
+def test_bulyan_averages_the_values_closest_to_the_median():
+    from defenses.bulyan import closest_to_median_mean
+
+    column = torch.tensor([[0.0], [0.1], [0.2], [5.0], [6.0]])
+    assert closest_to_median_mean(column, 3).item() == pytest.approx(0.1)  # a trimmed mean gives 1.77
 
 
 def test_norm_clipping_bounds_norms():
     out = _aggregate("normclip", [[3, 4, 0], [0, 0, 0.5]], max_norm=1.0)
     assert torch.allclose(out, torch.tensor([0.3, 0.4, 0.25]))
-    adaptive = DEFENSES.get("normclip")()
-    assert adaptive.bound(torch.tensor([[3.0, 4, 0], [0, 0, 1], [0, 2, 0]])) == 2.0  # median norm
+    adaptive = _decide("normclip", [[3, 4, 0], [0, 0, 1], [0, 2, 0]])  # median norm 2
+    assert [round(float(u.model.weight.detach().norm()), 4) for u in adaptive.updates] == [2.0, 1.0, 2.0]  # teachers clipped
 
 
 def test_weak_dp_noise_is_seeded_and_sized():
@@ -71,18 +107,20 @@ def test_weak_dp_noise_is_seeded_and_sized():
 
 
 def test_flame_excludes_the_opposite_update():
-    flame = DEFENSES.get("flame")(noise_lambda=0.0)
     benign = [[1, 1, 0.1 * i] for i in range(6)]
-    flame.aggregate(_updates(benign + [[-5, -5, 0]]), GLOBAL, _ctx())
-    assert 6 not in flame._admitted and len(flame._admitted) >= 4  # a majority cluster, without the outlier
+    agg = _decide("flame", benign + [[-5, -5, 0]], noise_lambda=0.0)
+    admitted = [u.client_id for u in agg.updates]
+    assert 6 not in admitted and len(admitted) >= 4  # a majority cluster, without the outlier
+    noisy = _decide("flame", benign + [[-5, -5, 0]], noise_lambda=0.1)
+    clean = {u.client_id: u.model.weight.clone() for u in agg.updates}
+    assert all(not torch.equal(u.model.weight, clean[u.client_id]) for u in noisy.updates)  # teachers noised
 
 
 def test_foolsgold_down_weights_sybils():
-    fg = DEFENSES.get("foolsgold")()
     vectors = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, -1, 0.5], [5, 5, 5], [5, 5, 5]]
-    fg.aggregate(_updates(vectors), GLOBAL, _ctx())
-    assert fg._weights[4] == fg._weights[5] == 0.0
-    assert min(fg._weights[i] for i in range(4)) > 0.5
+    weights = _decide("foolsgold", vectors).weights
+    assert weights[4] == weights[5] == 0.0  # weight 0: no say in the average, no teaching
+    assert weights[:4].min() > 0.5
 
 
 def test_rlr_flips_the_learning_rate_where_agreement_is_low():
@@ -105,19 +143,53 @@ def _cnn(width=0.25):
 def test_fltrust_trusts_the_root_direction_only():
     model, ctx = _cnn(), _ctx(synthetic=_tiny_synthetic())
     ft = DEFENSES.get("fltrust")(root_steps=3)
-    g0 = ft.root_update(model, ctx)
+    g0 = ft.root_update(model, ctx, [32])
     ups = []
     for vec in (2 * g0, -g0):
         m = copy.deepcopy(model)
-        from fl_core.updates import state_plus
-
-        m.load_state_dict(state_plus(model, vec))
+        m.load_state_dict(compose_state(model, vec, []))
         ups.append(ClientUpdate(len(ups), 0, 1, m))
-    state = ft.aggregate(ups, model, ctx)
-    assert ft._trust[0] == pytest.approx(1.0, abs=1e-4) and ft._trust[1] == 0.0
+    agg = ft.aggregate(_start(ups), model, ctx)
+    assert agg.weights[0] == pytest.approx(1.0, abs=1e-4) and agg.weights[1] == 0.0
+    assert agg.teachers() == {0: pytest.approx(1.0, abs=1e-4)}  # the distrusted client does not teach
     new = copy.deepcopy(model)
-    new.load_state_dict(state)
+    new.load_state_dict(agg.state)
     assert torch.allclose(deltas([ClientUpdate(0, 0, 1, new)], model)[0], g0, atol=1e-4)
+
+
+def test_fltrust_trains_the_server_like_the_clients():
+    model, syn = _cnn(), _tiny_synthetic()
+    ft = DEFENSES.get("fltrust")()
+    assert deltas([ClientUpdate(0, 0, 1, model)], model).abs().sum() == 0
+    frozen = ft.root_update(model, _ctx(synthetic=syn, lr=0.0), [32, 32])  # the clients' optimiser: lr 0
+    assert frozen.abs().max() == 0
+    moving = ft.root_update(model, _ctx(synthetic=syn, lr=0.05), [32, 32])
+    assert moving.abs().max() > 0
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+
+def test_parameter_statistics_ignore_batchnorm_buffers():
+    glob = _bn_model()
+    ups = []
+    for i in range(4):
+        m = copy.deepcopy(glob)
+        with torch.no_grad():
+            m[0].weight += 0.01 * (i + 1)  # a small parameter update
+            m[1].running_var += 1000.0 * (i + 1)  # huge, varied BN statistics
+            m[1].running_mean -= 500.0 * (i + 1)
+        ups.append(ClientUpdate(i, 0, 1, m))
+    matrix = deltas(ups, glob)
+    assert matrix.shape[1] == sum(p.numel() for p in glob.parameters())
+    assert torch.allclose(matrix.norm(dim=1), torch.tensor([0.01, 0.02, 0.03, 0.04]) * 12 ** 0.5, atol=1e-5)
+    agg = DEFENSES.get("rlr")(threshold=4).aggregate(_start(ups), glob, _ctx())
+    assert (agg.state["1.running_var"] > 0).all()  # buffers averaged, never sign-flipped
+    assert torch.allclose(agg.state["1.running_var"], torch.full((4,), 1 + 2500.0))
+    clipped = DEFENSES.get("normclip")(max_norm=1.0).aggregate(_start(ups), glob, _ctx())
+    assert torch.allclose(clipped.updates[3].model[0].weight, glob[0].weight + 0.04)  # not clipped: norm 0.14
 
 
 def test_pruning_removes_the_planted_dormant_channel():
@@ -129,12 +201,23 @@ def test_pruning_removes_the_planted_dormant_channel():
     pruning = DEFENSES.get("pruning")(rate=1 / 32)
     pruning.after_round(model, 0, ctx)
     assert pruning._pruned[0] == [5]
-    with torch.no_grad():
-        bn.bias[5] = 50.0  # even if it wakes up, the mask keeps it off
-    seen = []
-    model.get_submodule(site).register_forward_hook(lambda m, a, o: seen.append(o[:, 5].abs().max()))
-    model(torch.rand(2, 3, 32, 32))
-    assert seen[-1] == 0
+    assert bn.weight[5] == 0 and bn.bias[5] == 0  # pruned in the weights: saved and broadcast with them
+    assert not model.get_submodule(site)._forward_hooks
+    fresh = _cnn()
+    fresh.load_state_dict(model.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    model.eval(), fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_pruning_the_last_resnet_site_zeroes_the_classifier_columns():
+    from defenses.pruning import prune_channels
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name="resnet8", width=0.125), 3, 4, (0.5,) * 3, (0.25,) * 3)
+    site = list(model.activation_sites())[-1]
+    assert prune_channels(model, site, torch.tensor([1, 2]), 32) == "classifier"
+    assert model.net[-1].weight[:, [1, 2]].abs().sum() == 0
 
 
 def test_clp_zeroes_the_channel_with_an_abnormal_lipschitz_bound():
@@ -143,7 +226,9 @@ def test_clp_zeroes_the_channel_with_an_abnormal_lipschitz_bound():
     with torch.no_grad():
         conv.weight[3] *= 100
     clp = DEFENSES.get("clp")(u=3.0)
-    clp.after_round(model, 0, _ctx())
+    clp.after_round(model, 0, _ctx(round_idx=1, rounds=2))  # once, after the last round (the paper's schedule)
+    assert model.net[0][1].weight[3] != 0
+    clp.after_round(model, 0, _ctx(round_idx=2, rounds=2))
     bn = model.net[0][1]
     assert bn.weight[3] == 0 and bn.bias[3] == 0 and clp._pruned[0] >= 1
     assert (bn.weight != 0).sum() >= 30  # the normal channels of that layer survive
@@ -164,19 +249,44 @@ class _Constant(nn.Module):
         return torch.tensor([0.0, 0.0, 0.0, 9.0]).expand(len(x), 4)
 
 
+def _plan(teachers, syn):
+    return FusionPlan(0, teachers, torch.ones(len(teachers)), torch.ones(len(syn), dtype=torch.bool))
+
+
 def test_teacher_filter_drops_the_deviating_teacher():
     good = _cnn()
     teachers = [ClientUpdate(i, 0, 1, good) for i in range(4)] + [ClientUpdate(4, 1, 1, _Constant())]
     syn = _tiny_synthetic()
-    plan = FusionPlan(0, teachers, torch.ones(5), syn)
-    out = DEFENSES.get("teacherfilter")().on_fusion(plan, good, _ctx(synthetic=syn))
-    assert [u.client_id for u in out.teachers] == [0, 1, 2, 3] and len(out.teacher_weights) == 4
-    plan = FusionPlan(0, teachers, torch.ones(5), syn)
-    soft = DEFENSES.get("teacherfilter")(mode="downweight").on_fusion(plan, good, _ctx(synthetic=syn))
+    out = DEFENSES.get("teacherfilter")().on_fusion(_plan(teachers, syn), good, _ctx(synthetic=syn))
+    assert out.teacher_weights.tolist() == [1, 1, 1, 1, 0]
+    soft = DEFENSES.get("teacherfilter")(mode="downweight").on_fusion(_plan(teachers, syn), good, _ctx(synthetic=syn))
     assert soft.teacher_weights[4] < 1 and torch.equal(soft.teacher_weights[:4], torch.ones(4))
 
 
-@pytest.mark.parametrize("name", ["normclip", "krum", "median", "flame", "pruning", "clp", "teacherfilter"])
+class _Brightness(nn.Module):
+    """Class 0 for every image, or class 3 for bright images if ``deviant``."""
+
+    def __init__(self, deviant):
+        super().__init__()
+        self.deviant = deviant
+
+    def forward(self, x):
+        bright = (x.flatten(1).mean(1) > 0.5) & self.deviant
+        return torch.nn.functional.one_hot(torch.where(bright, 3, 0), 4).float()
+
+
+def test_teacher_filter_probes_a_random_sample_of_a_class_ordered_set():
+    # a class-ordered set: the deviant teacher differs only on the later (bright) classes, which the
+    # first probe_size samples would never show
+    images = torch.cat([torch.zeros(32, 3, 8, 8), torch.full((32, 3, 8, 8), 255.0)]).to(torch.uint8)
+    syn = ImageData(images, torch.arange(64) // 16, list("abcd"))
+    teachers = [ClientUpdate(i, 0, 1, _Brightness(False)) for i in range(4)] + [ClientUpdate(4, 0, 1, _Brightness(True))]
+    out = DEFENSES.get("teacherfilter")(probe_size=32).on_fusion(_plan(teachers, syn), teachers[0].model,
+                                                               _ctx(synthetic=syn))
+    assert out.teacher_weights.tolist() == [1, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("name", ["normclip", "krum", "median", "flame", "pruning", "clp", "teacherfilter", "fltrust"])
 def test_defenses_run_in_the_fl_loop(tiny_config, name):
     from fl_core.fl import run_cell
 

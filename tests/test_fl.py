@@ -67,10 +67,15 @@ def test_lr_schedule_anneals_over_the_stage_steps(schedule, epochs, final_lr):
 
 
 def test_client_sampling_is_seeded():
-    a = sample_clients(100, 10, seed=0, round_idx=1)
-    assert a == sample_clients(100, 10, seed=0, round_idx=1) and len(set(a)) == 10
-    assert a != sample_clients(100, 10, seed=0, round_idx=2)
-    assert sample_clients(10, 10, seed=0, round_idx=1) == list(range(10))
+    everyone = list(range(100))
+    a = sample_clients(everyone, 10, seed=0, round_idx=1)
+    assert a == sample_clients(everyone, 10, seed=0, round_idx=1) and len(set(a)) == 10
+    assert a != sample_clients(everyone, 10, seed=0, round_idx=2)
+    assert sample_clients(list(range(10)), 10, seed=0, round_idx=1) == list(range(10))
+    # the draw from everyone is the one earlier versions made (choice over the client count)
+    from fl_core.seeding import numpy_rng
+    assert a == sorted(numpy_rng(0, "sample", 1).choice(100, 10, replace=False).tolist())
+    assert set(sample_clients(list(range(50, 100)), 10, seed=0, round_idx=1)) <= set(range(50, 100))
 
 
 class _Const(nn.Module):
@@ -138,6 +143,7 @@ def test_heterogeneous_prototypes_report_per_prototype_and_weighted_mean(tiny_co
 class SpyDefense(Defense):
     """Records what the server hands a defense; drops client 0's update; halves teacher 1's weight."""
 
+    consumes = frozenset({"updates", "synthetic"})
     seen: list = []
 
     def filter_update(self, update, global_model, ctx):
@@ -145,7 +151,8 @@ class SpyDefense(Defense):
         return None if update.client_id == 0 else update
 
     def on_fusion(self, plan, global_model, ctx):
-        self.seen.append(("fusion", ctx.round, [u.client_id for u in plan.teachers], len(plan.synthetic)))
+        self.seen.append(("fusion", ctx.round, [u.client_id for u in plan.teachers], int(plan.keep.sum()),
+                          len(ctx.synthetic)))
         plan.teacher_weights[0] = 0.5
         return plan
 
@@ -158,7 +165,7 @@ def test_defense_hooks_see_server_data_only_and_can_drop_updates(tiny_config):
     SpyDefense.seen.clear()
     run_cell(tiny_config({"defense": {"name": "test-spy"}, "fl": {"rounds": 1}}), log=lambda *_: None)
     assert ("filter", 1, 0) in SpyDefense.seen and ("filter", 1, 2) in SpyDefense.seen
-    assert ("fusion", 1, [1, 2], 20) in SpyDefense.seen  # client 0 dropped; synthetic set of size 20
+    assert ("fusion", 1, [1, 2], 20, 20) in SpyDefense.seen  # client 0 dropped; synthetic set of size 20
     assert ("after", 1, 0) in SpyDefense.seen
 
 

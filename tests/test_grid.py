@@ -135,7 +135,10 @@ def test_parallel_executors(tiny_root, tmp_path, executor):
 def test_report_tables_from_fixture_rows():
     cells = pd.DataFrame([
         {"attack": a, "defense": d, "seed": s, "status": "done", "acc": acc, "asr": asr, "ra": 0.0,
-         "acc_drop_vs_clean": 0.0, "acc_drop_vs_undefended": drop, "cfg.defense.name": d}
+         "acc_drop_vs_clean": 0.0, "acc_drop_vs_undefended": drop, "defense_name": d,
+         "detection_tpr": 100.0 - 50 * s if d == "krum" and a == "fm" else float("nan"),
+         "detection_fpr": 10.0 if d == "krum" else float("nan"), "flag_recall": float("nan"),
+         "flag_precision": float("nan")}
         for a, d, s, acc, asr, drop in [
             ("none", "none", 0, 70, 5, 0), ("none", "none", 1, 72, 7, 0),
             ("fm", "none", 0, 69, 90, 0), ("fm", "none", 1, 71, 94, 0),
@@ -152,6 +155,10 @@ def test_report_tables_from_fixture_rows():
     defense_table = next(t for name, t in tables.items() if name.startswith("Defense")).set_index("defense")
     assert defense_table.loc["krum", "fm"] == "9.00 ± 0.00 / 82.00 ± 2.83"
     assert defense_table.loc["multikrum", "none"] == "-"  # no cell ran: a dash, not nan
+    detection = next(t for name, t in tables.items() if name.startswith("Client-level")).set_index("defense")
+    assert detection.loc["krum", "fm"] == "75.00 ± 35.36 / 10.00 ± 0.00"
+    assert not any(name.startswith("Sample-level") for name in tables)  # no defense flagged samples
+    assert "detection_tpr" in summary and "flag_recall" not in summary
 
 
 def test_smoke_preset_end_to_end(tmp_path):

@@ -10,7 +10,7 @@ import defenses
 from benchmarks import run as run_cli
 from fl_core import registry
 from fl_core.config import ConfigError, load_config
-from fl_core.hooks import ClientUpdate
+from fl_core.hooks import Aggregation, ClientUpdate, ServerContext
 from fl_core.registry import import_plugins
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -32,9 +32,10 @@ def test_example_defense_bounds_update_norms(examples_on_path):
     with torch.no_grad():
         for p in local.parameters():
             p.add_(10.0)
-    update = clip.filter_update(ClientUpdate(0, 0, 10, local), glob, ctx=None)
-    norm = torch.sqrt(sum((d ** 2).sum() for d in update.delta(glob).values()))
-    assert norm == pytest.approx(1.0, rel=1e-4)
+    ctx = ServerContext(1, 0, torch.device("cpu"), 2, None)
+    agg = clip.aggregate(Aggregation([ClientUpdate(0, 0, 10, local)], torch.ones(1)), glob, ctx)
+    norm = torch.sqrt(sum((d ** 2).sum() for d in agg.updates[0].delta(glob).values()))
+    assert norm == pytest.approx(1.0, rel=1e-4) and ctx.decisions == {"clipped": [0]}
     with pytest.raises(ConfigError, match="max_norm must be > 0"):
         load_config(None, ["defense.name=clip-example", "defense.params={max_norm: -1}"])
 

@@ -10,7 +10,7 @@ from fl_core.synthetic import SyntheticRequest, content_hash, synthetic_set
 
 def _request(tiny_root, tmp_path, cfg: SyntheticConfig) -> SyntheticRequest:
     ds = load_dataset("tiny", tiny_root, tmp_path / "cache")
-    return SyntheticRequest(cfg, ds, ds.train.subset(torch.arange(0, 160, 2)), seed=0,
+    return SyntheticRequest(cfg, ds.info(), ds.train.subset(torch.arange(0, 160, 2)), seed=0,
                             cache_dir=tmp_path / "cache", device=torch.device("cpu"))
 
 
