@@ -49,6 +49,14 @@ def _view(bound: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return bound.unsqueeze(0)
 
 
+def clamp(state: BoundState, name: str, out: torch.Tensor) -> torch.Tensor:
+    """``out`` of site ``name`` clamped to the state's bounds."""
+    clamped = torch.minimum(out, _view(state.upper(name), out))
+    if name in state.lower:
+        clamped = torch.maximum(clamped, _view(state.lower[name], out))
+    return clamped
+
+
 def attach_clamps(state: BoundState) -> None:
     """Forward hooks clamping each site's output to its bounds while ``state.enabled``.
 
@@ -58,12 +66,17 @@ def attach_clamps(state: BoundState) -> None:
         def hook(mod, args, out, name=name):
             if not state.enabled or (mod is not state.owners[name] and not state.broadcast):
                 return None
-            clamped = torch.minimum(out, _view(state.upper(name), out))
-            if name in state.lower:
-                clamped = torch.maximum(clamped, _view(state.lower[name], out))
-            return clamped
+            return clamp(state, name, out)
 
         state.handles.append(module.register_forward_hook(hook))
+
+
+def clamp_model(state: BoundState, model: nn.Module) -> list:
+    """Forward hooks clamping another model of the same architecture (e.g. a teacher) with the state's
+    bounds while ``state.enabled``; returns the handles (remove them to undo)."""
+    sites = sites_of(model)
+    return [sites[name].register_forward_hook(
+        lambda mod, args, out, name=name: clamp(state, name, out) if state.enabled else None) for name in state.owners]
 
 
 def median_and_mad(values: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -479,10 +479,11 @@ class TensorBatches(torch.utils.data.IterableDataset):
 
 
 def training_loader(data: ImageData, batch_size: int, seed: int, augmenting: bool, steps: int | None = None,
-                    targets: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+                    targets: torch.Tensor | None = None, **per_sample: torch.Tensor | None) -> torch.utils.data.DataLoader:
     """Seeded training batches of ``data``: ``(images, labels)``, plus a mapping with the ``stamped``
-    mask when augmentation must stamp triggers again, and/or precomputed distillation ``targets``."""
-    extras = {}
+    mask when augmentation must stamp triggers again, precomputed distillation ``targets`` and any
+    other ``per_sample`` tensor given (None: left out)."""
+    extras = {k: v for k, v in per_sample.items() if v is not None}
     if augmenting and data.stamped is not None:
         extras["stamped"] = data.stamped.mask
     if targets is not None:

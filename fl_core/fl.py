@@ -337,33 +337,44 @@ class FederatedRun:
 
     def fuse(self, aggregations: list[Aggregation], ctx: ServerContext) -> list[torch.Tensor]:
         """FedDF: each prototype's student distils from the admitted updates of every prototype (with their
-        weights) on the synthetic samples the defense keeps. Returns each prototype's kept-sample mask."""
+        weights) on the synthetic samples the defense keeps. Returns, per prototype, the mask of the samples
+        the defense flagged (left out, or their label ignored)."""
         cfg = self.cfg
         teachers = [u for agg in aggregations for u, w in zip(agg.updates, agg.weights) if w > 0]
         weights = torch.cat([agg.weights[agg.weights > 0] for agg in aggregations]) if teachers else torch.ones(0)
-        kept_masks = []
+        flag_masks = []
         if cfg.fl.fusion != "feddf" or cfg.fusion.steps == 0 or not teachers:
-            return kept_masks
+            return flag_masks
         full = self.syn["fusion"]
         for p, model in enumerate(self.models):
             plan = FusionPlan(p, list(teachers), weights.clone(), torch.ones(len(full), dtype=torch.bool))
             with self.timers["defense"]():
                 plan = self.defense.on_fusion(plan, model, self.prototype_context(ctx, p))
-            kept_masks.append(plan.keep.cpu())
+            flagged = ~plan.keep.cpu()  # left out of fusion, or with their label ignored
+            if plan.label_weight is not None:
+                flagged |= plan.label_weight.cpu() == 0
+            flag_masks.append(flagged)
             active = [i for i, w in enumerate(plan.teacher_weights) if w > 0]
             if not active or not plan.keep.any():
                 continue
             models = [plan.teachers[i].model for i in active]
             teacher_weights = plan.teacher_weights if len(active) == len(plan.teachers) else plan.teacher_weights[active]
-            data = full if plan.keep.all() else full.subset(plan.keep.nonzero().flatten())
+            index = None if plan.keep.all() else plan.keep.nonzero().flatten()
+            data = full if index is None else full.subset(index)
+
+            def kept(values):  # a per-sample tensor of the plan, restricted to the kept samples, on the device
+                return None if values is None else (values if index is None else values[index.to(values.device)]).to(
+                    self.device)
+
             with self.timers["fusion"]():
                 targets = None if cfg.fusion.augment else ensemble_outputs(models, teacher_weights, data.images)
                 loader = training_loader(data, cfg.fusion.optim.batch_size, derive_seed(self.seed, "fusion", ctx.round, p),
-                                         cfg.fusion.augment, steps=cfg.fusion.steps, targets=targets)
+                                         cfg.fusion.augment, steps=cfg.fusion.steps, targets=targets,
+                                         label_weight=kept(plan.label_weight), target_mask=kept(plan.target_mask))
                 module = FusionModule(model, models, teacher_weights, cfg.fusion,
                                       derive_seed(self.seed, "fusion-aug", ctx.round, p), trigger=stamp_trigger(data))
                 fit(module, loader, self.setup.accelerator, callbacks=plan.callbacks, precision=cfg.precision)
-        return kept_masks
+        return flag_masks
 
     def finish_round(self, ctx: ServerContext) -> None:
         """The defense's last word on each global model (e.g. repair), then a finiteness check."""
@@ -386,7 +397,7 @@ class FederatedRun:
         self.rounds.append(row)
         return row
 
-    def decisions(self, selected: list[int], aggregations: list[Aggregation], kept_masks: list[torch.Tensor],
+    def decisions(self, selected: list[int], aggregations: list[Aggregation], flag_masks: list[torch.Tensor],
                   ctx: ServerContext) -> dict:
         """The round's decisions and their scores against the ground truth the runner alone knows:
         client-level detection (rejected = not admitted, or weight 0) and, where the defense flagged
@@ -396,10 +407,10 @@ class FederatedRun:
         row = {"malicious_selected": malicious, "admitted": admitted,
                **client_detection(selected, malicious, admitted)}
         flagged = set(ctx.decisions.get("flagged_synthetic", []))
-        for mask in kept_masks:
-            flagged |= set((~mask).nonzero().flatten().tolist())
-        row.update(sample_detection(flagged, self.attack.poisoned_samples("fusion"), bool(ctx.decisions.get(
-            "flagged_synthetic") is not None or any((~m).any() for m in kept_masks))))
+        for mask in flag_masks:
+            flagged |= set(mask.nonzero().flatten().tolist())
+        flagging = "flagged_synthetic" in ctx.decisions or any(m.any() for m in flag_masks)
+        row.update(sample_detection(flagged, self.attack.poisoned_samples("fusion"), flagging))
         row["decisions"] = {k: v for k, v in ctx.decisions.items() if k != "flagged_synthetic"}
         return row
 
@@ -418,14 +429,14 @@ class FederatedRun:
             selected = self.select_clients(r, ctx)
             updates = self.filter_updates(self.train_clients(r, selected, ctx), ctx)
             aggregations = self.aggregate(updates, ctx)
-            kept = self.fuse(aggregations, ctx)
+            flags = self.fuse(aggregations, ctx)
             self.finish_round(ctx)
             if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
                 row = self.evaluate(r, time.perf_counter() - t_round)
                 row.update(defense_seconds=self.timers["defense"].seconds - before["defense"],
                            local_seconds=self.timers["local"].seconds - before["local"],
                            fusion_seconds=self.timers["fusion"].seconds - before["fusion"],
-                           **self.decisions(selected, aggregations, kept, ctx))
+                           **self.decisions(selected, aggregations, flags, ctx))
                 bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
             bar.update(1)
         bar.close()

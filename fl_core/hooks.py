@@ -127,7 +127,9 @@ class Aggregation:
 class FusionPlan:
     """What one prototype's distillation will use; a defense may edit it in ``on_fusion``: the teachers'
     weights (0 silences a teacher), ``keep`` (which synthetic samples are distilled on; the samples it
-    leaves out count as flagged) and extra Lightning callbacks. The teachers themselves come from the
+    leaves out count as flagged), per sample the weight of its label in the CE term (``label_weight``)
+    and classes masked out of its distillation target (``target_mask``: the teacher logit of a masked
+    class is pushed to -1e4), and extra Lightning callbacks. The teachers themselves come from the
     aggregations (``Aggregation.updates``)."""
 
     prototype: int
@@ -135,6 +137,8 @@ class FusionPlan:
     teacher_weights: torch.Tensor  # one non-negative weight per teacher
     keep: torch.Tensor  # bool, one per sample of ctx.synthetic
     callbacks: list = field(default_factory=list)  # extra Lightning callbacks for the fusion Trainer
+    label_weight: torch.Tensor | None = None  # float (N,) over ctx.synthetic; None: every label counts 1
+    target_mask: torch.Tensor | None = None  # bool (N, classes) over ctx.synthetic; None: nothing masked
 
 
 class Attack:

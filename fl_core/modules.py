@@ -89,15 +89,22 @@ def ensemble_logits(teachers: list[nn.Module], weights: torch.Tensor, x: torch.T
     return torch.log(torch.einsum("t,tbc->bc", weights, outs.softmax(-1)).clamp_min(1e-12))
 
 
+MASKED_LOGIT = -1e4  # a masked class's teacher logit: probability 0 without infinities in the KL
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, temperature: float) -> torch.Tensor:
-    """alpha * CE(student, label) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+                      alpha: float, temperature: float, label_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * CE(student, label) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T));
+    with ``label_weight``, each sample's CE term is weighted (0: its label is ignored)."""
     t = temperature
     kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                   reduction="batchmean", log_target=True)
     loss = (1 - alpha) * t * t * kl
     if alpha > 0:
-        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+        if label_weight is None:
+            loss = loss + alpha * F.cross_entropy(student_logits, labels)
+        else:
+            loss = loss + alpha * (label_weight * F.cross_entropy(student_logits, labels, reduction="none")).mean()
     return loss
 
 
@@ -142,7 +149,10 @@ class FusionModule(_Stage):
         else:
             with torch.no_grad():
                 target = ensemble_logits(list(self.teachers), self.teacher_weights, x, self.ensemble)
-        loss = distillation_loss(self.model(x), target, labels, self.alpha, self.temperature)
+        if "target_mask" in extras:
+            target = target.masked_fill(extras["target_mask"], MASKED_LOGIT)
+        loss = distillation_loss(self.model(x), target, labels, self.alpha, self.temperature,
+                                 extras.get("label_weight"))
         self.log("fusion_loss", loss, prog_bar=False, logger=False)
         return loss
 

@@ -176,3 +176,54 @@ def test_class_margins_and_the_margin_term_suppress_the_backdoor_signature():
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
     assert reachable_target_margin(model)[1] < 0.1 * before
     assert defense._log[-1]["agreement"] >= 0.95 and _asr(model) < 0.1
+
+
+def test_audit_flags_poisoned_samples_and_corrects_their_targets():
+    from fl_core.hooks import ClientUpdate
+
+    model = toy_backdoored_model()
+    clean, poisoned = toy_data(270), toy_data(30, seed=3, trigger=True)
+    syn = ImageData(torch.cat([clean.images, poisoned.images]), torch.cat([clean.labels, torch.zeros(30).long()]),
+                    clean.classes)
+    forgot = copy.deepcopy(model)  # clean local training erased the trigger neuron's vote
+    with torch.no_grad():
+        forgot.net[4].weight[0, 3] = 0.0
+    teachers = [ClientUpdate(i, 0, 10, copy.deepcopy(forgot)) for i in range(2)] + [ClientUpdate(2, 0, 10, copy.deepcopy(model))]
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    plan = defense.on_fusion(FusionPlan(0, teachers, torch.ones(3), torch.ones(300, dtype=torch.bool)), model, ctx)
+    flagged = defense._flagged[0]
+    assert flagged[270:].float().mean() >= 0.9 and flagged[:270].float().mean() < 0.05
+    assert torch.equal(plan.label_weight, (~flagged).float())
+    assert plan.target_mask[270:, 0][flagged[270:]].all() and not plan.target_mask[~flagged].any()
+    assert ctx.decisions["flagged_synthetic"] == flagged.nonzero().flatten().tolist()
+    # teachers are clamped while the server distils (the backdoored one loses its trigger), released afterwards
+    assert _asr(teachers[2].model) < 0.1 and len(defense._teacher_handles) == 3
+    defense.after_round(model, 0, ctx)
+    assert not defense._teacher_handles and _asr(teachers[2].model) > 0.9
+
+
+def test_constrained_aggregation_rejects_a_client_whose_activations_leave_the_bounds():
+    from fl_core.hooks import Aggregation, ClientUpdate
+    from fl_core.updates import compose_state, deltas
+
+    model, syn = toy_backdoored_model(), toy_data()
+    with torch.no_grad():
+        model.net[4].weight[0, 3] = 0.0  # a clean global model
+    defense = DEFENSES.get("actaudit")(steps=100, lr=0.1)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)  # the first bounds, fitted on the model the clients receive
+    updates = []
+    for i in range(5):
+        local = copy.deepcopy(model)
+        with torch.no_grad():
+            local.net[0].bias.add_(0.05 * (i - 2))  # small benign drifts
+        updates.append(ClientUpdate(i, 0, 10, local))
+    boosted = updates[4].model
+    boosted.load_state_dict(compose_state(model, 10 * deltas([updates[4]], model)[0], []))
+    with torch.no_grad():
+        boosted.net[0].weight.mul_(3.0)  # a replacement-style update: activations far above the bounds
+    agg = defense.aggregate(Aggregation(updates, torch.ones(5)), model, ctx)
+    assert [u.client_id for u in agg.updates] == [0, 1, 2, 3]
+    assert set(ctx.decisions["bound_divergence"]) == {0, 1, 2, 3, 4}

@@ -1,0 +1,161 @@
+"""Activation-constrained aggregation with a synthetic-set audit: the paper's activation bounds
+(``actbound``) extended with what the server itself holds (issue 15, docs/DEFENSE.md).
+
+1. **Constrained teachers.** While the server distils, the bounds (fitted on the aggregated model first)
+   clamp every teacher (client model) and the student, so a trigger's abnormal activation cannot pass
+   through the ensemble's soft labels.
+2. **Audit of the synthetic set** (no ground truth, no test data): per sample and its FM label,
+   the *margin drop* of the label between the unbounded and the bounded aggregated model (the bounds
+   cut exactly the activations a backdoor needs) and the *belief drop* in the label from the model the
+   clients received to their ensemble after clean local training (clean clients forget a trigger).
+   Each signal is a robust z over the set (median / MAD); a sample is flagged when the mean of the
+   two z exceeds ``audit_z``. Once flagged, always flagged; the bounds are then refitted
+   (``refine_steps``) without having to preserve the flagged samples.
+3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
+   and without the global model's bounds; a client whose outputs the bounds change abnormally much
+   (robust z of the KL over the round's clients > ``audit_z``: activations far outside what the global
+   model produces, e.g. a boosted or backdoored update) is not admitted (it neither averages nor
+   teaches). The first bounds are fitted on the model the clients receive, before round 1.
+4. **Corrective distillation.** A flagged sample's label leaves the CE term and the label is masked out
+   of its (bounded) distillation target: the student learns what the constrained ensemble predicts
+   without the suspicious label, which unlearns the trigger -> target shortcut.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses import DEFENSES
+from defenses.actbound import ActivationBounds, class_margins, clamp_model, robust_z
+from fl_core.data import forward_chunk, to_float
+from fl_core.seeding import torch_generator
+
+SIGNALS = ("both", "margin", "belief")
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The model's logits on every uint8 image, eval mode, in chunks."""
+    was_training = model.training
+    model.eval()
+    chunk = forward_chunk(device, 500)
+    out = torch.cat([model(to_float(images[i: i + chunk].to(device))) for i in range(0, len(images), chunk)])
+    model.train(was_training)
+    return out
+
+
+def label_probability(models: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
+                      device: torch.device) -> torch.Tensor:
+    """Mean over ``models`` of the softmax probability of each sample's label."""
+    probs = [F.softmax(logits_of(m, images, device), -1).gather(1, labels.to(device)[:, None]).squeeze(1)
+             for m in models]
+    return torch.stack(probs).mean(0).cpu()
+
+
+@DEFENSES.register("actaudit")
+class AuditedActivationBounds(ActivationBounds):
+    """``actbound`` (every parameter of it applies) plus constrained teachers, the audit and corrective
+    distillation. Parameters (defaults in brackets): audit_z [3.0]: flag threshold on the mean robust z of
+    the signals (and on the robust z of the clients' bound divergence); signals ["both"], "margin" or
+    "belief"; constrain_teachers [True]; correct [True]: corrective distillation of flagged samples
+    (False: they only leave fusion); reject_clients [True]: constrained aggregation."""
+
+    consumes = frozenset({"synthetic", "updates"})
+
+    def __init__(self, audit_z: float = 3.0, signals: str = "both", constrain_teachers: bool = True,
+                 correct: bool = True, reject_clients: bool = True, **bounds):
+        super().__init__(**bounds)
+        if audit_z <= 0:
+            raise ValueError(f"audit_z must be > 0, got {audit_z}")
+        if signals not in SIGNALS:
+            raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
+        self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
+        self.reject_clients = reject_clients
+        self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
+        self._teacher_handles: list = []
+
+    def before_round(self, global_model, prototype, ctx):
+        syn = ctx.synthetic
+        if prototype not in self._states and self.reject_clients:
+            images = self.preservation_data(prototype, syn)
+            self.fit(global_model, self.state_for(global_model, prototype, images), images, self.steps,
+                     (ctx.seed, ctx.round, "broadcast"))
+        super().before_round(global_model, prototype, ctx)  # bounds active only if broadcast: what clients get
+        self._broadcast[prototype] = label_probability([global_model], syn.images, syn.labels, ctx.device)
+
+    def aggregate(self, agg, global_model, ctx):
+        state = self._states.get(agg.updates[0].prototype) if agg.updates else None
+        if not self.reject_clients or state is None or len(agg.updates) < 3:
+            return agg
+        syn = ctx.synthetic
+        probe = torch.randperm(len(syn), generator=torch_generator(ctx.seed, "actaudit-probe", ctx.round))[:512]
+        images = syn.images[probe.to(syn.images.device)]
+        divergence = []
+        for update in agg.updates:
+            state.enabled = False
+            free = logits_of(update.model, images, ctx.device)
+            handles = clamp_model(state, update.model)
+            state.enabled = True
+            bounded = logits_of(update.model, images, ctx.device)
+            for h in handles:
+                h.remove()
+            divergence.append(F.kl_div(F.log_softmax(bounded, -1), F.log_softmax(free, -1), log_target=True,
+                                       reduction="batchmean").item())
+        state.enabled = False
+        z = robust_z(torch.tensor(divergence))
+        admitted = [i for i in range(len(agg.updates)) if z[i] <= self.audit_z]
+        ctx.report(bound_divergence={u.client_id: round(d, 4) for u, d in zip(agg.updates, divergence)})
+        return agg.admit(admitted) if len(admitted) < len(agg.updates) else agg
+
+    def audit(self, global_model, prototype: int, teachers: list[nn.Module], ctx) -> tuple[torch.Tensor, dict]:
+        """(flags over the synthetic set, summary) from the margin drop and the belief drop."""
+        syn, state = ctx.synthetic, self._states[prototype]
+        labels = syn.labels.to(ctx.device)
+        state.enabled = False
+        unbounded = class_margins(logits_of(global_model, syn.images, ctx.device), labels).cpu()
+        state.enabled = True
+        bounded = class_margins(logits_of(global_model, syn.images, ctx.device), labels).cpu()
+        state.enabled = False
+        scores = {}
+        if self.signals in ("both", "margin"):
+            scores["margin"] = robust_z(unbounded - bounded)
+        if self.signals in ("both", "belief"):
+            after = label_probability(teachers, syn.images, syn.labels, ctx.device)
+            scores["belief"] = robust_z(self._broadcast[prototype] - after)
+        combined = torch.stack(list(scores.values())).mean(0)
+        flags = combined > self.audit_z
+        return flags, {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
+
+    def on_fusion(self, plan, global_model, ctx):
+        plan = super().on_fusion(plan, global_model, ctx)
+        p = plan.prototype
+        images = self.preservation_data(p, ctx.synthetic)
+        new = p not in self._states
+        state = self.state_for(global_model, p, images)
+        self.fit(global_model, state, images, self.steps if new else self.refine_steps, (ctx.seed, ctx.round, "audit"))
+        same = [u.model for u in plan.teachers if u.prototype == p]
+        flags, summary = self.audit(global_model, p, same, ctx)
+        previous = self._flagged.get(p)
+        flags = flags | previous if previous is not None else flags
+        self._flagged[p] = flags
+        if flags.any() and self.refine_steps:  # bounds that need not preserve the flagged samples
+            self.fit(global_model, state, self.preservation_data(p, ctx.synthetic), self.refine_steps,
+                     (ctx.seed, ctx.round, "audited"))
+        if self.correct:
+            plan.label_weight = (~flags).float()
+            plan.target_mask = F.one_hot(ctx.synthetic.labels.cpu(), ctx.num_classes).bool() & flags[:, None]
+        else:
+            plan.keep = plan.keep & ~flags.to(plan.keep.device)
+        if self.constrain_teachers:
+            self._teacher_handles += [h for m in same for h in clamp_model(state, m)]
+            state.enabled = True  # teachers and student clamped while the server distils
+        ctx.report(flagged_synthetic=flags.nonzero().flatten().tolist(), **summary)
+        return plan
+
+    def after_round(self, global_model, prototype, ctx):
+        for handle in self._teacher_handles:
+            handle.remove()
+        self._teacher_handles.clear()
+        return super().after_round(global_model, prototype, ctx)
+
