@@ -1,9 +1,9 @@
 """Activation-constrained aggregation with a synthetic-set audit: the paper's activation bounds
 (``actbound``) extended with what the server itself holds (issue 15, docs/DEFENSE.md).
 
-1. **Constrained teachers.** While the server distils, the bounds (fitted on the aggregated model first)
-   clamp every teacher (client model) and the student, so a trigger's abnormal activation cannot pass
-   through the ensemble's soft labels.
+1. **Constrained teachers** (option, off by default). While the server distils, the bounds (fitted on
+   the aggregated model first) clamp every teacher (client model) and the student, so a trigger's
+   abnormal activation cannot pass through the ensemble's soft labels.
 2. **Audit of the synthetic set** (no ground truth, no test data): per sample and its FM label,
    the *margin drop* of the label between the unbounded and the bounded aggregated model (the bounds
    cut exactly the activations a backdoor needs) and the *belief drop* in the label from the model the
@@ -12,10 +12,11 @@
    two z exceeds ``audit_z``. Once flagged, always flagged; the bounds are then refitted
    (``refine_steps``) without having to preserve the flagged samples.
 3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
-   and without the global model's bounds; a client whose outputs the bounds change abnormally much
-   (robust z of the KL over the round's clients > ``audit_z``: activations far outside what the global
-   model produces, e.g. a boosted or backdoored update) is not admitted (it neither averages nor
-   teaches). The first bounds are fitted on the model the clients receive, before round 1.
+   and without the global model's bounds, and the KL between the two outputs is its *bound
+   divergence*. A client whose divergence is abnormal either way (|robust z| of its log over the round's
+   clients > ``client_z``) is not admitted: it neither averages nor teaches. A boosted replacement
+   update saturates: the bounds barely change its (confidently wrong) outputs, far below any benign
+   client's divergence. The first bounds are fitted on the model the clients receive, before round 1.
 4. **Corrective distillation.** A flagged sample's label leaves the CE term and the label is masked out
    of its (bounded) distillation target: the student learns what the constrained ensemble predicts
    without the suspicious label, which unlearns the trigger -> target shortcut.
@@ -56,22 +57,23 @@ def label_probability(models: list[nn.Module], images: torch.Tensor, labels: tor
 @DEFENSES.register("actaudit")
 class AuditedActivationBounds(ActivationBounds):
     """``actbound`` (every parameter of it applies) plus constrained teachers, the audit and corrective
-    distillation. Parameters (defaults in brackets): audit_z [3.0]: flag threshold on the mean robust z of
-    the signals (and on the robust z of the clients' bound divergence); signals ["both"], "margin" or
-    "belief"; constrain_teachers [True]; correct [True]: corrective distillation of flagged samples
-    (False: they only leave fusion); reject_clients [True]: constrained aggregation."""
+    distillation. Parameters (defaults in brackets, chosen on the development seed 100, docs/DEFENSE.md):
+    audit_z [3.0]: flag threshold on the mean robust z of the signals; signals ["both"], "margin" or
+    "belief"; constrain_teachers [False]; correct [True]: corrective distillation of flagged samples
+    (False: they only leave fusion); reject_clients [True]: constrained aggregation, with client_z [10]
+    the threshold on the |robust z| of the log bound divergence."""
 
     consumes = frozenset({"synthetic", "updates"})
 
-    def __init__(self, audit_z: float = 3.0, signals: str = "both", constrain_teachers: bool = True,
-                 correct: bool = True, reject_clients: bool = True, **bounds):
+    def __init__(self, audit_z: float = 3.0, signals: str = "both", constrain_teachers: bool = False,
+                 correct: bool = True, reject_clients: bool = True, client_z: float = 10.0, **bounds):
         super().__init__(**bounds)
-        if audit_z <= 0:
-            raise ValueError(f"audit_z must be > 0, got {audit_z}")
+        if audit_z <= 0 or client_z <= 0:
+            raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
         if signals not in SIGNALS:
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
-        self.reject_clients = reject_clients
+        self.reject_clients, self.client_z = reject_clients, client_z
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -103,8 +105,8 @@ class AuditedActivationBounds(ActivationBounds):
             divergence.append(F.kl_div(F.log_softmax(bounded, -1), F.log_softmax(free, -1), log_target=True,
                                        reduction="batchmean").item())
         state.enabled = False
-        z = robust_z(torch.tensor(divergence))
-        admitted = [i for i in range(len(agg.updates)) if z[i] <= self.audit_z]
+        z = robust_z(torch.tensor(divergence).clamp_min(1e-8).log())
+        admitted = [i for i in range(len(agg.updates)) if z[i].abs() <= self.client_z]
         ctx.report(bound_divergence={u.client_id: round(d, 4) for u, d in zip(agg.updates, divergence)})
         return agg.admit(admitted) if len(admitted) < len(agg.updates) else agg
 

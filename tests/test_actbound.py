@@ -189,7 +189,7 @@ def test_audit_flags_poisoned_samples_and_corrects_their_targets():
     with torch.no_grad():
         forgot.net[4].weight[0, 3] = 0.0
     teachers = [ClientUpdate(i, 0, 10, copy.deepcopy(forgot)) for i in range(2)] + [ClientUpdate(2, 0, 10, copy.deepcopy(model))]
-    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1)
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, constrain_teachers=True)
     ctx = _ctx(syn)
     defense.before_round(model, 0, ctx)
     plan = defense.on_fusion(FusionPlan(0, teachers, torch.ones(3), torch.ones(300, dtype=torch.bool)), model, ctx)
@@ -204,9 +204,8 @@ def test_audit_flags_poisoned_samples_and_corrects_their_targets():
     assert not defense._teacher_handles and _asr(teachers[2].model) > 0.9
 
 
-def test_constrained_aggregation_rejects_a_client_whose_activations_leave_the_bounds():
+def test_constrained_aggregation_rejects_a_client_with_an_abnormal_bound_divergence():
     from fl_core.hooks import Aggregation, ClientUpdate
-    from fl_core.updates import compose_state, deltas
 
     model, syn = toy_backdoored_model(), toy_data()
     with torch.no_grad():
@@ -220,10 +219,9 @@ def test_constrained_aggregation_rejects_a_client_whose_activations_leave_the_bo
         with torch.no_grad():
             local.net[0].bias.add_(0.05 * (i - 2))  # small benign drifts
         updates.append(ClientUpdate(i, 0, 10, local))
-    boosted = updates[4].model
-    boosted.load_state_dict(compose_state(model, 10 * deltas([updates[4]], model)[0], []))
-    with torch.no_grad():
-        boosted.net[0].weight.mul_(3.0)  # a replacement-style update: activations far above the bounds
+    with torch.no_grad():  # a replacement-style update: saturated, confidently the target whatever the bounds do
+        updates[4].model.net[4].bias[0] = 1000.0
     agg = defense.aggregate(Aggregation(updates, torch.ones(5)), model, ctx)
     assert [u.client_id for u in agg.updates] == [0, 1, 2, 3]
-    assert set(ctx.decisions["bound_divergence"]) == {0, 1, 2, 3, 4}
+    divergence = ctx.decisions["bound_divergence"]
+    assert divergence[4] < 1e-3 < min(divergence[i] for i in range(4))
