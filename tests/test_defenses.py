@@ -286,7 +286,8 @@ def test_teacher_filter_probes_a_random_sample_of_a_class_ordered_set():
     assert out.teacher_weights.tolist() == [1, 1, 1, 1, 0]
 
 
-@pytest.mark.parametrize("name", ["normclip", "krum", "median", "flame", "pruning", "clp", "teacherfilter", "fltrust"])
+@pytest.mark.parametrize("name", ["normclip", "krum", "median", "flame", "pruning", "clp", "teacherfilter", "fltrust",
+                                  "actaudit"])
 def test_defenses_run_in_the_fl_loop(tiny_config, name):
     from fl_core.fl import run_cell
 
