@@ -122,11 +122,12 @@ class AuditedActivationBounds(ActivationBounds):
         scores = {}
         if self.signals in ("both", "margin"):
             scores["margin"] = robust_z(unbounded - bounded)
-        if self.signals in ("both", "belief"):
+        if self.signals in ("both", "belief") and teachers:  # (a prototype without teachers: margin only)
             after = label_probability(teachers, syn.images, syn.labels, ctx.device)
             scores["belief"] = robust_z(self._broadcast[prototype] - after)
-        combined = torch.stack(list(scores.values())).mean(0)
-        flags = combined > self.audit_z
+        if not scores:
+            return torch.zeros(len(syn), dtype=torch.bool), {}
+        flags = torch.stack(list(scores.values())).mean(0) > self.audit_z
         return flags, {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
 
     def on_fusion(self, plan, global_model, ctx):
