@@ -34,7 +34,7 @@ from fl_core.plugins import Plugins, build_plugins
 from fl_core.seeding import derive_seed, numpy_rng
 from fl_core.storage import load_tensors, save_tensors, tensor_digest, write_json
 from fl_core.synthetic import SyntheticRequest, synthetic_set
-from fl_core.updates import fedavg, sample_weights
+from fl_core.updates import fedavg_of
 
 
 class DivergedError(RuntimeError):
@@ -329,9 +329,10 @@ class FederatedRun:
             if mine:
                 with self.timers["defense"]():
                     agg = self.defense.aggregate(agg, model, self.prototype_context(ctx, p))
-                model.load_state_dict(agg.state if agg.state is not None else
-                                      fedavg([u.state() for u in agg.updates], agg.weights.float() *
-                                             sample_weights(agg.updates)) if agg.updates else model.state_dict())
+                if agg.state is not None:
+                    model.load_state_dict(agg.state)
+                elif agg.updates:  # every update rejected: the model stays as it was
+                    model.load_state_dict(fedavg_of(agg))
             out.append(agg)
         return out
 

@@ -11,7 +11,8 @@ import defenses
 from attacks.triggers import PatchTrigger
 from fl_core.config import BackdoorConfig, OptimConfig
 from fl_core.data import ImageData, batch_loader
-from fl_core.fl import fedavg, run_cell, sample_clients
+from fl_core.fl import run_cell, sample_clients
+from fl_core.updates import fedavg
 from fl_core.hooks import Defense
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.modules import SupervisedModule, distillation_loss, ensemble_logits, fit
