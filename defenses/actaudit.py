@@ -29,29 +29,18 @@ from torch import nn
 
 from defenses import DEFENSES
 from defenses.actbound import ActivationBounds, class_margins, clamp_model, robust_z
-from fl_core.data import forward_chunk, to_float
+from fl_core.metrics import logits
 from fl_core.seeding import torch_generator
 
 SIGNALS = ("both", "margin", "belief")
 
 
-@torch.no_grad()
-def logits_of(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The model's logits on every uint8 image, eval mode, in chunks."""
-    was_training = model.training
-    model.eval()
-    chunk = forward_chunk(device, 500)
-    out = torch.cat([model(to_float(images[i: i + chunk].to(device))) for i in range(0, len(images), chunk)])
-    model.train(was_training)
-    return out
-
-
 def label_probability(models: list[nn.Module], images: torch.Tensor, labels: torch.Tensor,
                       device: torch.device) -> torch.Tensor:
     """Mean over ``models`` of the softmax probability of each sample's label."""
-    probs = [F.softmax(logits_of(m, images, device), -1).gather(1, labels.to(device)[:, None]).squeeze(1)
+    probs = [F.softmax(logits(m, images, 500, device), -1).gather(1, labels.cpu()[:, None]).squeeze(1)
              for m in models]
-    return torch.stack(probs).mean(0).cpu()
+    return torch.stack(probs).mean(0)
 
 
 @DEFENSES.register("actaudit")
@@ -84,7 +73,8 @@ class AuditedActivationBounds(ActivationBounds):
             self.fit(global_model, self.state_for(global_model, prototype, images), images, self.steps,
                      (ctx.seed, ctx.round, "broadcast"))
         super().before_round(global_model, prototype, ctx)  # bounds active only if broadcast: what clients get
-        self._broadcast[prototype] = label_probability([global_model], syn.images, syn.labels, ctx.device)
+        if self.signals in ("both", "belief"):
+            self._broadcast[prototype] = label_probability([global_model], syn.images, syn.labels, ctx.device)
 
     def aggregate(self, agg, global_model, ctx):
         state = self._states.get(agg.updates[0].prototype) if agg.updates else None
@@ -96,10 +86,10 @@ class AuditedActivationBounds(ActivationBounds):
         divergence = []
         for update in agg.updates:
             state.enabled = False
-            free = logits_of(update.model, images, ctx.device)
+            free = logits(update.model, images, 500, ctx.device)
             handles = clamp_model(state, update.model)
             state.enabled = True
-            bounded = logits_of(update.model, images, ctx.device)
+            bounded = logits(update.model, images, 500, ctx.device)
             for h in handles:
                 h.remove()
             divergence.append(F.kl_div(F.log_softmax(bounded, -1), F.log_softmax(free, -1), log_target=True,
@@ -113,11 +103,11 @@ class AuditedActivationBounds(ActivationBounds):
     def audit(self, global_model, prototype: int, teachers: list[nn.Module], ctx) -> tuple[torch.Tensor, dict]:
         """(flags over the synthetic set, summary) from the margin drop and the belief drop."""
         syn, state = ctx.synthetic, self._states[prototype]
-        labels = syn.labels.to(ctx.device)
+        labels = syn.labels.cpu()
         state.enabled = False
-        unbounded = class_margins(logits_of(global_model, syn.images, ctx.device), labels).cpu()
+        unbounded = class_margins(logits(global_model, syn.images, 500, ctx.device), labels)
         state.enabled = True
-        bounded = class_margins(logits_of(global_model, syn.images, ctx.device), labels).cpu()
+        bounded = class_margins(logits(global_model, syn.images, 500, ctx.device), labels)
         state.enabled = False
         scores = {}
         if self.signals in ("both", "margin"):

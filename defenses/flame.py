@@ -3,8 +3,7 @@ import numpy as np
 import torch
 
 from defenses import DEFENSES, Defense
-from defenses.weakdp import parameter_noise
-from fl_core.updates import add_noise, clip_rows, compose_state, deltas, median, set_delta
+from fl_core.updates import add_noise, clip_rows, compose_state, deltas, median, parameter_noise, set_delta
 
 
 def majority_cluster(matrix: torch.Tensor) -> list[int]:

@@ -1,16 +1,7 @@
 """Weak differential privacy (Sun et al. 2019): norm clipping plus Gaussian noise on the aggregate."""
-import torch
-
 from defenses import DEFENSES
 from defenses.normclip import NormClipping
-from fl_core.seeding import torch_generator
-from fl_core.updates import add_noise, parameter_keys
-
-
-def parameter_noise(global_model, sigma: float, seed: int, *keys) -> torch.Tensor:
-    """Seeded N(0, sigma^2) over the flat trainable parameters."""
-    count = sum(global_model.state_dict()[k].numel() for k in parameter_keys(global_model))
-    return sigma * torch.randn(count, generator=torch_generator(seed, *keys))
+from fl_core.updates import add_noise, parameter_noise
 
 
 @DEFENSES.register("weakdp")

@@ -359,13 +359,12 @@ class FederatedRun:
             if not active or not plan.keep.any():
                 continue
             models = [plan.teachers[i].model for i in active]
-            teacher_weights = plan.teacher_weights if len(active) == len(plan.teachers) else plan.teacher_weights[active]
-            index = None if plan.keep.all() else plan.keep.nonzero().flatten()
-            data = full if index is None else full.subset(index)
+            teacher_weights = plan.teacher_weights[active]
+            index = plan.keep.nonzero().flatten()
+            data = full.subset(index)
 
-            def kept(values):  # a per-sample tensor of the plan, restricted to the kept samples, on the device
-                return None if values is None else (values if index is None else values[index.to(values.device)]).to(
-                    self.device)
+            def kept(values):  # a per-sample tensor of the plan, for the kept samples, on the device
+                return None if values is None else values[index.to(values.device)].to(self.device)
 
             with self.timers["fusion"]():
                 targets = None if cfg.fusion.augment else ensemble_outputs(models, teacher_weights, data.images)
@@ -384,13 +383,14 @@ class FederatedRun:
                 self.models[p] = self.defense.after_round(model, p, self.prototype_context(ctx, p))
             _check_finite(self.models[p], f"round {ctx.round}")
 
-    def evaluate(self, r: int, seconds: float) -> dict:
-        """ACC / ASR / RA of the global model(s) on the test data (never seen by a defense)."""
+    def evaluate(self, r: int, **timings: float) -> dict:
+        """ACC / ASR / RA of the global model(s) on the test data (never seen by a defense), with the
+        round's ``timings`` (seconds)."""
         cfg = self.cfg
         per_proto = [evaluate(m, self.setup.test, self.backdoor_set, cfg.eval.batch_size, self.device) for m in self.models]
         share = [self.proto_of.count(p) / self.n_clients for p in range(self.n_protos)]
         row = {"round": r, **{m: float(sum(w * pm[m] for w, pm in zip(share, per_proto))) for m in ("acc", "asr", "ra")},
-               "seconds": seconds, "defense_seconds": self.timers["defense"].seconds}
+               **timings}
         if self.n_protos > 1:
             row["prototypes"] = per_proto
         if not all(math.isfinite(row[m]) for m in ("acc", "asr", "ra")):
@@ -421,7 +421,7 @@ class FederatedRun:
         cfg = self.cfg
         t0 = time.perf_counter()
         pretrain(self.models, self.syn["pretrain"], cfg, self.setup, self.cache)
-        pre = self.evaluate(0, time.perf_counter() - t0)
+        pre = self.evaluate(0, seconds=time.perf_counter() - t0, defense_seconds=0.0)
         self.log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
         bar = _progress(cfg)
         for r in range(1, cfg.fl.rounds + 1):
@@ -433,11 +433,9 @@ class FederatedRun:
             flags = self.fuse(aggregations, ctx)
             self.finish_round(ctx)
             if r % cfg.eval.every == 0 or r == cfg.fl.rounds:
-                row = self.evaluate(r, time.perf_counter() - t_round)
-                row.update(defense_seconds=self.timers["defense"].seconds - before["defense"],
-                           local_seconds=self.timers["local"].seconds - before["local"],
-                           fusion_seconds=self.timers["fusion"].seconds - before["fusion"],
-                           **self.decisions(selected, aggregations, flags, ctx))
+                spent = {f"{k}_seconds": t.seconds - before[k] for k, t in self.timers.items()}
+                row = self.evaluate(r, seconds=time.perf_counter() - t_round, **spent)
+                row.update(self.decisions(selected, aggregations, flags, ctx))
                 bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
             bar.update(1)
         bar.close()

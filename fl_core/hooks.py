@@ -54,8 +54,8 @@ class ClientTraining:
 @dataclass
 class ServerContext:
     """What the server knows in a round. ``synthetic`` is the set as the FM delivered it (which samples
-    an attack poisoned is not part of it); ``client_training`` is what the server prescribes to clients. ``report`` is the decision channel: what a defense decided this
-    round lands in the round's row of ``rounds.csv``."""
+    an attack poisoned is not part of it); ``client_training`` is what the server prescribes to clients;
+    ``report`` is the decision channel: what a defense decided lands in the round's row of ``rounds.csv``."""
 
     round: int  # 0 = before the first round (pre-training), then 1..rounds
     seed: int

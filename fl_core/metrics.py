@@ -32,14 +32,21 @@ def backdoor_test_set(test: ImageData, backdoor: BackdoorConfig, trigger, seed: 
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Predicted labels (on the CPU) of uint8 images, in eval mode; the model's mode is restored."""
+def logits(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits (on the CPU) of uint8 images, in eval mode and chunks; the model's mode is restored."""
     was_training = model.training
     model.eval()
     step = forward_chunk(device, batch_size)
-    preds = [model(to_float(images[i: i + step].to(device))).argmax(-1).cpu() for i in range(0, len(images), step)]
+    out = [model(to_float(images[i: i + step].to(device))).cpu() for i in range(0, len(images), step)]
     model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predicted labels (on the CPU) of uint8 images, in eval mode; the model's mode is restored."""
+    if not len(images):
+        return torch.empty(0, dtype=torch.long)
+    return logits(model, images, batch_size, device).argmax(-1)
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -68,7 +75,8 @@ def _rate(hits: int, total: int) -> float | None:
 def client_detection(selected: list[int], malicious: list[int], admitted: list[int]) -> dict:
     """Client-level detection of a round in %: TPR = malicious selected clients not admitted, FPR = benign
     selected clients not admitted (None where a group is empty)."""
-    rejected = [c for c in selected if c not in set(admitted)]
+    kept = set(admitted)
+    rejected = [c for c in selected if c not in kept]
     bad = set(malicious)
     benign = [c for c in selected if c not in bad]
     return {"rejected": rejected, "detection_tpr": _rate(sum(c in bad for c in rejected), len(bad)),

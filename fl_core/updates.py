@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fl_core.hooks import Aggregation, ClientUpdate, State
+from fl_core.seeding import torch_generator
 
 
 def parameter_keys(model: nn.Module) -> list[str]:
@@ -44,6 +45,17 @@ def fedavg(states: list[State], weights: list[float] | torch.Tensor) -> State:
     return out
 
 
+def shifted(state: State, keys: list[str], delta: torch.Tensor) -> State:
+    """The entries ``keys`` of ``state`` moved by the flat vector ``delta`` (laid out in ``keys`` order)."""
+    out, offset = {}, 0
+    for key in keys:
+        value = state[key]
+        n = value.numel()
+        out[key] = (value.float() + delta[offset: offset + n].view_as(value).to(value.device)).to(value.dtype)
+        offset += n
+    return out
+
+
 def compose_state(global_model: nn.Module, delta: torch.Tensor, updates: list[ClientUpdate],
                   weights: torch.Tensor | None = None) -> State:
     """The global parameters moved by a flat parameter ``delta``; buffers averaged over ``updates`` as
@@ -51,29 +63,24 @@ def compose_state(global_model: nn.Module, delta: torch.Tensor, updates: list[Cl
     weights = torch.ones(len(updates)) if weights is None else weights.detach().float().cpu()
     fed = weights * sample_weights(updates) if updates else weights
     buffers = fedavg([u.state() for u in updates], fed) if updates and fed.sum() > 0 else global_model.state_dict()
-    params = set(parameter_keys(global_model))
-    out, offset = {}, 0
-    for key, value in global_model.state_dict().items():
-        if key in params:
-            n = value.numel()
-            out[key] = (value.float() + delta[offset: offset + n].view_as(value).to(value.device)).to(value.dtype)
-            offset += n
-        else:
-            out[key] = buffers[key].clone()
-    return out
+    start = global_model.state_dict()
+    moved = shifted(start, parameter_keys(global_model), delta)
+    return {key: moved[key] if key in moved else buffers[key].clone() for key in start}
 
 
 def set_delta(update: ClientUpdate, global_model: nn.Module, delta: torch.Tensor) -> ClientUpdate:
     """Write ``global + delta`` into the update's parameters in place (its own buffers kept)."""
     state = update.model.state_dict()
-    start = global_model.state_dict()
-    offset = 0
     with torch.no_grad():
-        for key in parameter_keys(global_model):
-            n = state[key].numel()
-            state[key].copy_(start[key].float() + delta[offset: offset + n].view_as(state[key]).to(state[key].device))
-            offset += n
+        for key, value in shifted(global_model.state_dict(), parameter_keys(global_model), delta).items():
+            state[key].copy_(value)
     return update
+
+
+def parameter_noise(global_model: nn.Module, sigma: float, seed: int, *keys) -> torch.Tensor:
+    """Seeded N(0, sigma^2) over the flat trainable parameters (the purpose ``keys`` pick the stream)."""
+    count = sum(global_model.state_dict()[k].numel() for k in parameter_keys(global_model))
+    return sigma * torch.randn(count, generator=torch_generator(seed, *keys))
 
 
 def add_noise(agg: Aggregation, global_model: nn.Module, noise: torch.Tensor) -> Aggregation:
@@ -82,14 +89,7 @@ def add_noise(agg: Aggregation, global_model: nn.Module, noise: torch.Tensor) ->
     for u in agg.updates:
         set_delta(u, global_model, deltas([u], global_model)[0] + noise)
     state = agg.state if agg.state is not None else fedavg_of(agg)
-    keys = parameter_keys(global_model)
-    offset, noisy = 0, dict(state)
-    for key in keys:
-        n = state[key].numel()
-        noisy[key] = (state[key].float() + noise[offset: offset + n].view_as(state[key]).to(state[key].device)).to(
-            state[key].dtype)
-        offset += n
-    return Aggregation(agg.updates, agg.weights, noisy)
+    return Aggregation(agg.updates, agg.weights, {**state, **shifted(state, parameter_keys(global_model), noise)})
 
 
 def fedavg_of(agg: Aggregation) -> State:

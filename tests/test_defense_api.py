@@ -182,3 +182,55 @@ def test_a_chain_of_one_is_the_defense_itself(tiny_config):
     chain = run_cell(tiny_config({"defense": [{"name": "median"}], "fl": {"rounds": 1}}), log=_quiet)
     assert one["metrics"] == chain["metrics"] and chain["defense"]["name"] == "median"
     assert torch.isfinite(torch.tensor(one["metrics"]["acc"]))
+
+
+def test_fusion_honours_label_weights_and_masked_targets():
+    from fl_core.config import FusionConfig, OptimConfig
+    from fl_core.data import ImageData, training_loader
+    from fl_core.modules import FusionModule, distillation_loss, ensemble_outputs, fit
+
+    gen = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (64, 3, 4, 4), generator=gen).to(torch.uint8), torch.zeros(64).long(),
+                     list("abc"))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    with torch.no_grad():
+        teacher[1].weight.zero_()
+        teacher[1].bias.copy_(torch.tensor([8.0, 0.0, 1.0]))  # the teacher says class 0, then 2
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    cfg = FusionConfig(steps=60, alpha=0.5, temperature=1.0,
+                       optim=OptimConfig(optimizer="adam", lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16))
+    mask = torch.zeros(64, 3, dtype=torch.bool)
+    mask[:, 0] = True  # class 0 (the label too) masked out of every target, and every label ignored
+    targets = ensemble_outputs([teacher], torch.ones(1), data.images)
+    loader = training_loader(data, 16, 0, False, steps=60, targets=targets, label_weight=torch.zeros(64),
+                             target_mask=mask)
+    fit(FusionModule(student, [teacher], torch.ones(1), cfg, seed=0), loader, "cpu")
+    with torch.no_grad():
+        assert (student(data.images.float() / 255).argmax(-1) == 2).all()  # what the teacher says without class 0
+    x, y = torch.randn(4, 3), torch.zeros(4).long()
+    t = torch.randn(4, 3)
+    assert torch.allclose(distillation_loss(x, t, y, 0.5, 2.0, torch.zeros(4)), distillation_loss(x, t, y, 0.0, 2.0) / 2)
+
+
+def test_actaudit_refuses_bad_parameters_before_compute(tiny_config):
+    with pytest.raises(ConfigError, match="signals 'x' unknown; valid: both, margin, belief"):
+        tiny_config({"defense": {"name": "actaudit", "params": {"signals": "x"}}})
+    with pytest.raises(ConfigError, match="client_z must be > 0"):
+        tiny_config({"defense": {"name": "actaudit", "params": {"client_z": 0}}})
+
+
+def test_a_chain_saves_each_members_state_under_its_position():
+    from fl_core.hooks import DefenseChain
+
+    class Stateful(Defense):
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"x": torch.tensor(self.value)}
+
+    chain = DefenseChain([Stateful(1.0), Stateful(2.0)])
+    assert {k: float(v) for k, v in chain.state_dict().items()} == {"0/x": 1.0, "1/x": 2.0}
+    assert DefenseChain([Stateful(3.0)]).state_dict()["x"] == 3.0
+    with pytest.raises(ValueError, match="at least one defense"):
+        DefenseChain([])
