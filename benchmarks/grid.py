@@ -310,6 +310,32 @@ def estimate_seconds(cfg: CellConfig, throughput: float = 1900.0) -> float:
     return (pre + f.rounds * per_round + evals) / throughput + 5
 
 
+def stage_group(cfg: CellConfig) -> str:
+    """Cells with the same group share pre-training and round 1's client training through the stage cache:
+    their configs differ only in the defense and the fusion."""
+    d = cfg.to_dict(with_runtime=False)
+    for key in ("defense", "fusion"):
+        d.pop(key)
+    d["fl"].pop("fusion")
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def schedule(cells: list[Cell], jobs: int) -> list[Cell]:
+    """The order in which ``jobs`` parallel workers take the cells: one cell of each stage group first (they
+    fill the stage cache, so no two workers compute the same stage at once), then the rest longest first
+    (the last cells to finish are short). Sequential runs keep the grid's order."""
+    if jobs <= 1:
+        return list(cells)
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(stage_group(cell.config), []).append(cell)
+
+    def longest_first(part: list[Cell]) -> list[Cell]:
+        return sorted(part, key=lambda c: -estimate_seconds(c.config))  # stable: ties keep the grid's order
+
+    return longest_first([g[0] for g in groups.values()]) + longest_first([c for g in groups.values() for c in g[1:]])
+
+
 # ---------------------------------------------------------------- executors
 
 
@@ -387,7 +413,7 @@ def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int
     """Run the cells not yet done; returns counts of outcomes. Ctrl-C keeps every finished cell."""
     from tqdm.auto import tqdm
 
-    todo = [c for c in cells if cell_status(out, c.key) not in ("done", "n/a")]
+    todo = schedule([c for c in cells if cell_status(out, c.key) not in ("done", "n/a")], jobs)
     counts = {"skipped": len(cells) - len(todo), "done": 0, "failed": 0, "n/a": 0, "elsewhere": 0}
     bar = tqdm(total=len(todo), desc="grid", unit="cell", disable=not progress)
 

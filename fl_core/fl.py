@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -29,7 +30,7 @@ from fl_core.data import (Dataset, ImageData, load_dataset, partition, resolve_d
 from fl_core.hooks import Aggregation, ClientTraining, ClientUpdate, DefenseChain, FusionPlan, ServerContext, State
 from fl_core.metrics import backdoor_test_set, client_detection, evaluate, sample_detection
 from fl_core.models import build_model
-from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit
+from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit, teacher_logits
 from fl_core.plugins import Plugins, build_plugins
 from fl_core.seeding import derive_seed, numpy_rng
 from fl_core.storage import load_tensors, save_tensors, tensor_digest, write_json
@@ -367,7 +368,8 @@ class FederatedRun:
                 return None if values is None else values[index.to(values.device)].to(self.device)
 
             with self.timers["fusion"]():
-                targets = None if cfg.fusion.augment else ensemble_outputs(models, teacher_weights, data.images)
+                targets = None if cfg.fusion.augment else ensemble_outputs(models, teacher_weights, data.images,
+                                                                           outputs=self.teacher_outputs(ctx.round))
                 loader = training_loader(data, cfg.fusion.optim.batch_size, derive_seed(self.seed, "fusion", ctx.round, p),
                                          cfg.fusion.augment, steps=cfg.fusion.steps, targets=targets,
                                          label_weight=kept(plan.label_weight), target_mask=kept(plan.target_mask))
@@ -376,6 +378,24 @@ class FederatedRun:
                 fit(module, loader, self.setup.accelerator, callbacks=plan.callbacks, precision=cfg.precision)
         return flag_masks
 
+    def teacher_outputs(self, r: int) -> Callable:
+        """How fusion gets one teacher's logits: in round 1 through the stage cache, keyed by the teacher's
+        weights and the fusion images (cells that share round 1's clients share the outputs of every client
+        model a defense leaves unchanged); later rounds compute them."""
+        if r != 1 or self.cache.folder is None:
+            return teacher_logits
+        settings = training_settings(self.cfg, self.device)
+
+        def cached(teacher: nn.Module, images: torch.Tensor, chunk: int) -> torch.Tensor:
+            key = "teachers/" + self.cache.key("teacher", model_digest([teacher]), tensor_digest(images), chunk, settings)
+            blob = self.cache.load(key)
+            if blob is None:
+                blob = {"logits": teacher_logits(teacher, images, chunk).cpu()}
+                self.cache.save(key, blob)
+            return blob["logits"].to(images.device)
+
+        return cached
+
     def finish_round(self, ctx: ServerContext) -> None:
         """The defense's last word on each global model (e.g. repair), then a finiteness check."""
         for p, model in enumerate(self.models):
@@ -383,11 +403,26 @@ class FederatedRun:
                 self.models[p] = self.defense.after_round(model, p, self.prototype_context(ctx, p))
             _check_finite(self.models[p], f"round {ctx.round}")
 
+    def evaluate_model(self, model: nn.Module, r: int) -> dict[str, float]:
+        """ACC / ASR / RA of one global model; the pre-trained model's (round 0) through the stage cache, keyed by
+        its weights and the test sets (every cell of a grid that pre-trains alike evaluates it once)."""
+        test, bd = self.setup.test, self.backdoor_set
+        if r != 0 or self.cache.folder is None:
+            return evaluate(model, test, bd, self.cfg.eval.batch_size, self.device)
+        key = "evaluations/" + self.cache.key(
+            "evaluate", model_digest([model]), tensor_digest(test.images, test.labels, bd.images, bd.targets, bd.labels),
+            self.cfg.eval.batch_size, training_settings(self.cfg, self.device))
+        blob = self.cache.load(key)
+        if blob is None:
+            blob = evaluate(model, test, bd, self.cfg.eval.batch_size, self.device)
+            self.cache.save(key, blob)
+        return blob
+
     def evaluate(self, r: int, **timings: float) -> dict:
         """ACC / ASR / RA of the global model(s) on the test data (never seen by a defense), with the
         round's ``timings`` (seconds)."""
         cfg = self.cfg
-        per_proto = [evaluate(m, self.setup.test, self.backdoor_set, cfg.eval.batch_size, self.device) for m in self.models]
+        per_proto = [self.evaluate_model(m, r) for m in self.models]
         share = [self.proto_of.count(p) / self.n_clients for p in range(self.n_protos)]
         row = {"round": r, **{m: float(sum(w * pm[m] for w, pm in zip(share, per_proto))) for m in ("acc", "asr", "ra")},
                **timings}

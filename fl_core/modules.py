@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import signal
 import warnings
+from typing import Callable
 
 import lightning as L
 import torch
@@ -80,13 +81,17 @@ class SupervisedModule(_Stage):
         return loss
 
 
-def ensemble_logits(teachers: list[nn.Module], weights: torch.Tensor, x: torch.Tensor, mode: str = "logits"):
-    """Weighted ensemble output: mean logits (FedDF, [P1]) or log of the mean probabilities."""
-    weights = weights.to(x.device, torch.float32) / weights.sum()
-    outs = torch.stack([t(x) for t in teachers])
+def combine_teachers(weights: torch.Tensor, outs: torch.Tensor, mode: str = "logits") -> torch.Tensor:
+    """Weighted ensemble of teacher outputs (T, B, C): mean logits (FedDF, [P1]) or log of the mean probabilities."""
+    weights = weights.to(outs.device, torch.float32) / weights.sum()
     if mode == "logits":
         return torch.einsum("t,tbc->bc", weights, outs)
     return torch.log(torch.einsum("t,tbc->bc", weights, outs.softmax(-1)).clamp_min(1e-12))
+
+
+def ensemble_logits(teachers: list[nn.Module], weights: torch.Tensor, x: torch.Tensor, mode: str = "logits"):
+    """The weighted ensemble's output on a float batch (:func:`combine_teachers`)."""
+    return combine_teachers(weights, torch.stack([t(x) for t in teachers]), mode)
 
 
 MASKED_LOGIT = -1e4  # a masked class's teacher logit: probability 0 without infinities in the KL
@@ -109,17 +114,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 @torch.no_grad()
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
+    """One teacher's logits on every uint8 image, in eval mode and inference chunks."""
+    teacher.eval()
+    step = forward_chunk(images.device, chunk)
+    return torch.cat([teacher(to_float(images[i: i + step])) for i in range(0, len(images), step)])
+
+
+@torch.no_grad()
 def ensemble_outputs(teachers: list[nn.Module], weights: torch.Tensor, images: torch.Tensor, mode: str = "logits",
-                     chunk: int = 1000) -> torch.Tensor:
-    """The ensemble's output (:func:`ensemble_logits`, teachers in eval mode) on every uint8 image, once.
+                     chunk: int = 1000, outputs: Callable = teacher_logits) -> torch.Tensor:
+    """The ensemble's output on every uint8 image, once: ``outputs(teacher, images, chunk)`` per teacher
+    (:func:`teacher_logits`, or a cached copy of it), combined chunk by chunk exactly as per batch.
 
     On un-augmented fusion data the teachers see the same inputs on every pass, so the distillation
     targets are computed once per round instead of once per batch."""
-    for teacher in teachers:
-        teacher.eval()
-    chunk = forward_chunk(images.device, chunk)
-    return torch.cat([ensemble_logits(teachers, weights, to_float(images[i: i + chunk]), mode)
-                      for i in range(0, len(images), chunk)])
+    per_teacher = torch.stack([outputs(t, images, chunk) for t in teachers])
+    step = forward_chunk(images.device, chunk)
+    return torch.cat([combine_teachers(weights, per_teacher[:, i: i + step].contiguous(), mode)
+                      for i in range(0, len(images), step)])
 
 
 class FusionModule(_Stage):

@@ -212,3 +212,16 @@ def test_an_unwritable_output_folder_is_refused_before_compute(tmp_path, capsys)
             tool(argv)
         assert err.value.code == 2
         assert "not writable" in capsys.readouterr().err
+
+
+def test_parallel_schedule_puts_one_cell_of_each_stage_group_first():
+    cells = expand(load_grid(grid_mod.GRID_DIR / "default.yaml"), "cpu")
+    assert grid_mod.schedule(cells, 1) == cells
+    order = grid_mod.schedule(cells, 2)
+    assert sorted(c.key for c in order) == sorted(c.key for c in cells)
+    groups = [grid_mod.stage_group(c.config) for c in order]
+    distinct = len(set(groups))
+    assert distinct == 4  # attack-free (FedDF and FedAvg share pre-training and round 1), BadNets, FM, replacement
+    assert len(set(groups[:distinct])) == distinct  # every group's first cell before any group's second
+    rest = [grid_mod.estimate_seconds(c.config) for c in order[distinct:]]
+    assert rest == sorted(rest, reverse=True)

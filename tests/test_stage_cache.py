@@ -11,8 +11,8 @@ def _metrics(record: dict) -> list[dict]:
     return [{k: v for k, v in row.items() if "seconds" not in k} for row in record["rounds"]]
 
 
-def _entries(tmp_path) -> set[str]:
-    return {p.name for p in (tmp_path / "cache" / "stages").glob("*.pt")}
+def _entries(tmp_path, kind: str = "") -> set[str]:
+    return {p.name for p in (tmp_path / "cache" / "stages" / kind).glob("*.pt")}
 
 
 def _run(tiny_config, tmp_path, name, extra=None, overrides=()):
@@ -34,7 +34,11 @@ def test_cached_stages_give_identical_results_and_are_shared_across_defenses(tin
     first = _run(tiny_config, tmp_path, "first", attack)
     stored = _entries(tmp_path)
     assert len(stored) == 2  # pre-trained model, round-1 client models
+    teachers = _entries(tmp_path, "teachers")
+    assert len(teachers) == len(first[0]["rounds"][1]["admitted"])  # round 1's teacher outputs, one per client
     again = _run(tiny_config, tmp_path, "again", attack)
+    assert _entries(tmp_path, "teachers") == teachers  # reused
+    assert len(_entries(tmp_path, "evaluations")) == 1  # the pre-trained model's test metrics
     _same(plain, first)
     _same(plain, again)
     assert again[0]["rounds"][1]["local_seconds"] == 0.0  # round 1 trained nothing
@@ -42,6 +46,7 @@ def test_cached_stages_give_identical_results_and_are_shared_across_defenses(tin
     defended = {**attack, "defense": {"name": "normclip"}}
     cached = _run(tiny_config, tmp_path, "normclip", defended)
     assert _entries(tmp_path) == stored
+    assert _entries(tmp_path, "teachers") > teachers  # the clipped clients' outputs are new teacher outputs
     _same(cached, _run(tiny_config, tmp_path, "normclip-plain", defended, ("runtime.stage_cache=false",)))
 
 
