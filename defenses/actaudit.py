@@ -6,11 +6,12 @@
    abnormal activation cannot pass through the ensemble's soft labels.
 2. **Audit of the synthetic set** (no ground truth, no test data): per sample and its FM label,
    the *margin drop* of the label between the unbounded and the bounded aggregated model (the bounds
-   cut exactly the activations a backdoor needs) and the *belief drop* in the label from the model the
-   clients received to their ensemble after clean local training (clean clients forget a trigger).
-   Each signal is a robust z over the set (median / MAD); a sample is flagged when the mean of the
-   two z exceeds ``audit_z``. Once flagged, always flagged; the bounds are then refitted
-   (``refine_steps``) without having to preserve the flagged samples.
+   cut exactly the activations a backdoor needs; the default signal) and, optionally, the *belief drop*
+   in the label from the model the clients received to their ensemble after clean local training
+   (clean clients forget a trigger; heavy-tailed on Fashion-MNIST, so off by default). Each signal is a
+   robust z over the set (median / MAD); a sample is flagged when the mean of the signals' z exceeds
+   ``audit_z``. Once flagged, always flagged; the bounds are then refitted (``refine_steps``) without
+   having to preserve the flagged samples.
 3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
    and without the global model's bounds, and the KL between the two outputs is its *bound
    divergence*. A client whose divergence is abnormal either way (|robust z| of its log over the round's
@@ -47,16 +48,18 @@ def label_probability(models: list[nn.Module], images: torch.Tensor, labels: tor
 class AuditedActivationBounds(ActivationBounds):
     """``actbound`` (every parameter of it applies) plus constrained teachers, the audit and corrective
     distillation. Parameters (defaults in brackets, chosen on the development seed 100, docs/DEFENSE.md):
-    audit_z [3.0]: flag threshold on the mean robust z of the signals; signals ["both"], "margin" or
-    "belief"; constrain_teachers [False]; correct [True]: corrective distillation of flagged samples
+    audit_z [3.0]: flag threshold on the mean robust z of the signals; signals ["margin"], "belief" or
+    "both"; constrain_teachers [False]; correct [True]: corrective distillation of flagged samples
     (False: they only leave fusion); reject_clients [True]: constrained aggregation, with client_z [10]
-    the threshold on the |robust z| of the log bound divergence."""
+    the threshold on the |robust z| of the log bound divergence; target_agreement [0.98] of the bounds'
+    fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST)."""
 
     consumes = frozenset({"synthetic", "updates"})
 
-    def __init__(self, audit_z: float = 3.0, signals: str = "both", constrain_teachers: bool = False,
-                 correct: bool = True, reject_clients: bool = True, client_z: float = 10.0, **bounds):
-        super().__init__(**bounds)
+    def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
+                 correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
+                 target_agreement: float = 0.98, **bounds):
+        super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
         if signals not in SIGNALS:

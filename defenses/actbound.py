@@ -139,7 +139,8 @@ class ActivationBounds(Defense):
       element_sites [0]: with shape "channel", the first N sites use per-element bounds instead.
       lower [False]: also clamp from below at the (1 - init_q) quantile (fixed, not learned).
       init ["quantile"] with init_q [0.999]; "meanstd" (mean + init_k std, init_k [4]); "robust" (median +
-        init_k MAD of each channel's per-sample peak: not moved by a minority of triggered samples);
+        init_k MAD of each channel's per-sample peak, or of each element where bounds are per element: not
+        moved by a minority of triggered samples);
         "constant" (init_value).
       objective ["kl"] or "mse" (logit MSE) between bounded and unbounded outputs on synthetic data.
       target_agreement [0.95]: prediction agreement with the unbounded model that steers the penalty weight.
@@ -225,10 +226,10 @@ class ActivationBounds(Defense):
             elif self.init == "robust":
                 # median + k * MAD of each channel's per-sample spatial peak: a minority of triggered
                 # samples with abnormal peaks cannot move it (unlike a quantile or mean + k std)
-                med, mad = median_and_mad(channel_peaks(acts))
+                # (per element: median + k * MAD of each unit over the samples, so a fixed-position trigger
+                # carried by a minority of samples is above the bound of the positions it occupies)
+                med, mad = median_and_mad(flat.T if per_element else channel_peaks(acts))
                 upper = (med + self.init_k * 1.4826 * mad).squeeze(0)
-                if per_element:
-                    upper = upper.view(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
             else:
                 upper = torch.full((flat.shape[0],), float(self.init_value))
             uppers[site] = upper.clamp_min(1e-3).reshape(shape)
@@ -254,8 +255,9 @@ class ActivationBounds(Defense):
 
     def fit(self, model: nn.Module, state: BoundState, images: torch.Tensor, steps: int, key: tuple) -> dict:
         """Adam on log-scale bounds: preservation (+ trimming) + lam * mean(upper / init); lam adapts to the
-        agreement target, and the tightest bounds that met it on a batch are kept. Returns the agreement
-        on (up to 2,000 of) the preservation samples, lam and the normalised bound size."""
+        agreement target, and the last bounds that met it on a batch are kept (if none did, fresh starting
+        bounds of this model: ``fallback``). Returns the agreement on (up to 2,000 of) the preservation
+        samples, lam, the normalised bound size and whether it fell back."""
         was_training = model.training
         model.eval()
         grads = [p.requires_grad for p in model.parameters()]
@@ -268,7 +270,7 @@ class ActivationBounds(Defense):
         opt = torch.optim.Adam(thetas, lr=self.lr)
         gen = torch_generator(key[0], "actbound", *key[1:])
         state.enabled = True
-        feasible = {s: t.detach().clone() for s, t in state.theta.items()}  # last bounds that met the target
+        feasible = None  # the last bounds that met the target on a batch
         if self.margin_weight > 0:
             classes = torch.arange(reference.shape[1], device=device).repeat_interleave(self.margin_probes)
             probes = max_margin_inputs(model, torch.rand((len(classes), *images.shape[1:]), generator=gen).to(device),
@@ -304,6 +306,12 @@ class ActivationBounds(Defense):
             loss.backward()
             opt.step()
         with torch.no_grad():
+            fallback = feasible is None
+            if fallback:  # never met (e.g. a warm start too tight for a new model): fresh bounds of this model
+                state.enabled = False
+                fresh, _ = self.initial_bounds(model, images)
+                feasible = {s: (fresh[s] / state.init[s]).log() for s in state.theta}
+                state.enabled = True
             for site, t in state.theta.items():
                 t.requires_grad_(False)
                 t.copy_(feasible[site])
@@ -315,7 +323,7 @@ class ActivationBounds(Defense):
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
         model.train(was_training)
-        return {"agreement": agreement, "lam": state.lam, "penalty": penalty}
+        return {"agreement": agreement, "lam": state.lam, "penalty": penalty, "fallback": float(fallback)}
 
     # ------------------------------------------------------------ hooks
 

@@ -153,6 +153,32 @@ def test_robust_init_ignores_a_triggered_minority():
     assert (robust[:3] > 0.5).all()  # colour channels keep their clean range
 
 
+def test_per_element_robust_init_bounds_each_position_by_its_clean_majority():
+    model = toy_backdoored_model()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 240, (300, 3, 8, 8), generator=gen).to(torch.uint8)
+    images[:, :, -2:, -2:] = torch.randint(0, 50, (300, 3, 2, 2), generator=gen).to(torch.uint8)  # a dark corner
+    images[:60, :, -2:, -2:] = 255  # a triggered minority
+    bounds = DEFENSES.get("actbound")(init="robust", shape="element").initial_bounds(model, images)[0]["net.1"]
+    assert bounds.shape == (4, 8, 8)
+    assert (bounds[:3, -2:, -2:] < 0.6).all() and (bounds[:3, :2, :2] > 1.0).all()  # the trigger (1.0) is above
+
+
+def test_a_fit_that_never_meets_the_target_falls_back_to_fresh_bounds():
+    model, syn = toy_backdoored_model(), toy_data()
+    reference = copy.deepcopy(model)
+    defense = DEFENSES.get("actbound")(steps=50, refine_steps=1, lr=0.1, trim=0.0)
+    defense.after_round(model, 0, _ctx(syn))
+    state = defense._states[0]
+    for theta in state.theta.values():
+        theta.fill_(-20.0)  # a warm start far too tight (as for a global model that changed a lot)
+    info = defense.fit(model, state, syn.images, 1, (0, 2))
+    assert info["fallback"] == 1.0 and info["agreement"] >= 0.95
+    fresh = defense.initial_bounds(reference, syn.images)[0]["net.1"]
+    assert torch.allclose(state.upper("net.1"), fresh)
+    defense.detach()
+
+
 def test_class_margins_and_the_margin_term_suppress_the_backdoor_signature():
     from defenses.actbound import class_margins, max_margin_inputs
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
@@ -189,7 +215,7 @@ def test_audit_flags_poisoned_samples_and_corrects_their_targets():
     with torch.no_grad():
         forgot.net[4].weight[0, 3] = 0.0
     teachers = [ClientUpdate(i, 0, 10, copy.deepcopy(forgot)) for i in range(2)] + [ClientUpdate(2, 0, 10, copy.deepcopy(model))]
-    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, constrain_teachers=True)
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, constrain_teachers=True, target_agreement=0.95)
     ctx = _ctx(syn)
     defense.before_round(model, 0, ctx)
     plan = defense.on_fusion(FusionPlan(0, teachers, torch.ones(3), torch.ones(300, dtype=torch.bool)), model, ctx)
