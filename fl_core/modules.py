@@ -13,6 +13,7 @@ from torch import nn
 
 from fl_core.config import FusionConfig, OptimConfig
 from fl_core.data import augment, forward_chunk, to_float
+from fl_core.metrics import logits
 from fl_core.seeding import torch_generator
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -115,10 +116,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, images: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
-    """One teacher's logits on every uint8 image, in eval mode and inference chunks."""
-    teacher.eval()
-    step = forward_chunk(images.device, chunk)
-    return torch.cat([teacher(to_float(images[i: i + step])) for i in range(0, len(images), step)])
+    """One teacher's logits on every uint8 image (:func:`fl_core.metrics.logits`), on the images' device."""
+    return logits(teacher, images, chunk, images.device).to(images.device)
 
 
 @torch.no_grad()
