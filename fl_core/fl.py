@@ -421,7 +421,6 @@ class FederatedRun:
     def evaluate(self, r: int, **timings: float) -> dict:
         """ACC / ASR / RA of the global model(s) on the test data (never seen by a defense), with the
         round's ``timings`` (seconds)."""
-        cfg = self.cfg
         per_proto = [self.evaluate_model(m, r) for m in self.models]
         share = [self.proto_of.count(p) / self.n_clients for p in range(self.n_protos)]
         row = {"round": r, **{m: float(sum(w * pm[m] for w, pm in zip(share, per_proto))) for m in ("acc", "asr", "ra")},
