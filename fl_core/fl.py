@@ -161,6 +161,14 @@ class StageCache:
         if self.folder is not None:
             save_tensors(self.folder / f"{key}.pt", blob)
 
+    def cached(self, key: str, compute: Callable[[], dict]) -> dict:
+        """The stored blob of ``key``, or ``compute()`` stored under it (computed only, when disabled)."""
+        blob = self.load(key)
+        if blob is None:
+            blob = compute()
+            self.save(key, blob)
+        return blob
+
 
 def data_digest(data: ImageData) -> str:
     """Content hash of a labelled set, including which samples carry a pasted trigger."""
@@ -368,8 +376,8 @@ class FederatedRun:
                 return None if values is None else values[index.to(values.device)].to(self.device)
 
             with self.timers["fusion"]():
-                targets = None if cfg.fusion.augment else ensemble_outputs(models, teacher_weights, data.images,
-                                                                           outputs=self.teacher_outputs(ctx.round))
+                targets = None if cfg.fusion.augment else ensemble_outputs(
+                    models, teacher_weights, data.images, outputs=self.teacher_outputs(ctx.round, data.images))
                 loader = training_loader(data, cfg.fusion.optim.batch_size, derive_seed(self.seed, "fusion", ctx.round, p),
                                          cfg.fusion.augment, steps=cfg.fusion.steps, targets=targets,
                                          label_weight=kept(plan.label_weight), target_mask=kept(plan.target_mask))
@@ -378,21 +386,18 @@ class FederatedRun:
                 fit(module, loader, self.setup.accelerator, callbacks=plan.callbacks, precision=cfg.precision)
         return flag_masks
 
-    def teacher_outputs(self, r: int) -> Callable:
-        """How fusion gets one teacher's logits: in round 1 through the stage cache, keyed by the teacher's
-        weights and the fusion images (cells that share round 1's clients share the outputs of every client
+    def teacher_outputs(self, r: int, images: torch.Tensor) -> Callable:
+        """How fusion gets one teacher's logits on ``images``: in round 1 through the stage cache, keyed by the
+        teacher's weights and the images (cells that share round 1's clients share the outputs of every client
         model a defense leaves unchanged); later rounds compute them."""
         if r != 1 or self.cache.folder is None:
             return teacher_logits
-        settings = training_settings(self.cfg, self.device)
+        shared = ("teacher", tensor_digest(images), training_settings(self.cfg, self.device))
 
         def cached(teacher: nn.Module, images: torch.Tensor, chunk: int) -> torch.Tensor:
-            key = "teachers/" + self.cache.key("teacher", model_digest([teacher]), tensor_digest(images), chunk, settings)
-            blob = self.cache.load(key)
-            if blob is None:
-                blob = {"logits": teacher_logits(teacher, images, chunk).cpu()}
-                self.cache.save(key, blob)
-            return blob["logits"].to(images.device)
+            key = "teachers/" + self.cache.key(*shared, model_digest([teacher]), chunk)
+            return self.cache.cached(key, lambda: {"logits": teacher_logits(teacher, images, chunk).cpu()})[
+                "logits"].to(images.device)
 
         return cached
 
@@ -407,16 +412,16 @@ class FederatedRun:
         """ACC / ASR / RA of one global model; the pre-trained model's (round 0) through the stage cache, keyed by
         its weights and the test sets (every cell of a grid that pre-trains alike evaluates it once)."""
         test, bd = self.setup.test, self.backdoor_set
-        if r != 0 or self.cache.folder is None:
+
+        def compute() -> dict[str, float]:
             return evaluate(model, test, bd, self.cfg.eval.batch_size, self.device)
+
+        if r != 0 or self.cache.folder is None:
+            return compute()
         key = "evaluations/" + self.cache.key(
             "evaluate", model_digest([model]), tensor_digest(test.images, test.labels, bd.images, bd.targets, bd.labels),
             self.cfg.eval.batch_size, training_settings(self.cfg, self.device))
-        blob = self.cache.load(key)
-        if blob is None:
-            blob = evaluate(model, test, bd, self.cfg.eval.batch_size, self.device)
-            self.cache.save(key, blob)
-        return blob
+        return self.cache.cached(key, compute)
 
     def evaluate(self, r: int, **timings: float) -> dict:
         """ACC / ASR / RA of the global model(s) on the test data (never seen by a defense), with the
