@@ -117,6 +117,22 @@ def summary_table(cells: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return table.reset_index()
 
 
+def pretrained_table(rounds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Round 0, the model pre-trained on the (possibly poisoned) synthetic set before any client trains:
+    mean +- std over seeds per combination of the axes other than the defense (which acts later) and the
+    seed. On attack-free cells its ACC is the synthetic set's classification accuracy score (a model of
+    the default architecture trained only on it, tested on real test images)."""
+    group = [a for a in axes if a != "seed" and _role([a], "defense") is None]
+    if rounds.empty or "round" not in rounds or not (rounds["round"] == 0).any():
+        return pd.DataFrame()
+    first = rounds[rounds["round"] == 0].drop_duplicates(subset=group + [c for c in ("seed",) if c in rounds])
+    if not group:
+        first, group = first.assign(_all="all"), ["_all"]
+    table = first.groupby(group, sort=False).agg({"acc": _mean_std, "asr": _mean_std})
+    table["seeds"] = first.groupby(group, sort=False).size()
+    return table.reset_index()
+
+
 def pivot(cells: pd.DataFrame, rows: list[str], column: str, fmt) -> pd.DataFrame:
     """One row per combination of ``rows``, one column per value of ``column``; cells ``fmt(group)``."""
     done = cells[cells["status"] == "done"]
@@ -267,7 +283,9 @@ def write_report(out: str | Path) -> list[Path]:
           grid.get("description", "").strip(), "", *command_lines(grid), "",
           f"Cells: {status}. Mean ± std over the finished seeds; each row's `seeds` column counts them.", ""]
     tex = []
-    tables = {"Summary": summary_table(cells, axes), **paper_tables(cells, axes)}
+    tables = {"Summary": summary_table(cells, axes), **paper_tables(cells, axes),
+              "Pre-trained model (round 0; attack-free ACC = classification accuracy score of the synthetic set)":
+                  pretrained_table(rounds, axes)}
     for title, table in tables.items():
         if table.empty:
             continue

@@ -104,15 +104,24 @@ class ModelConfig(ModelSpec):
 
 @dataclass
 class DDPMConfig:
+    """A class-conditional DDPM trained here on the public pool (the suite's own FM), sampled with DDIM.
+
+    The defaults are the CPU-sized FM of the committed results (1.6 M parameters, 16 x 16, ~1 h on two
+    cores; docs/REPRODUCTION.md); the grids' ``paper`` scales name a larger one. The FM is one fixed
+    model for every cell seed (``train_seed``); the cell seed draws its samples."""
     __pydantic_config__ = STRICT_KEYS
     weights: Str | None = None  # folder of a trained model; None = the cache folder for this dataset/config
+    train_seed: NonNegative = 0
+    train_steps: Count = 3000
+    train_batch: Count = 128
+    train_lr: PositiveFloat = 5e-4
+    train_uncond_prob: number(ge=0, lt=1) = 0.1  # label dropout: lets sampling use classifier-free guidance
+    ema_decay: number(ge=0, lt=1) = 0.999  # the weights saved and sampled are this EMA (0 = the raw weights)
+    base_channels: Count = 32
+    image_size: Count | None = 16  # resolution the UNet works at (samples are resized); None = the dataset's
     sample_steps: Count = 50  # DDIM steps
     sample_batch: Count = 250
-    train_steps: Count = 20000
-    train_batch: Count = 128
-    train_lr: PositiveFloat = 2e-4
-    base_channels: Count = 64
-    image_size: Count | None = None  # None = dataset resolution
+    guidance_scale: number(ge=0) = 0.0  # classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional
 
 
 @dataclass
@@ -252,8 +261,13 @@ class CellConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self, with_runtime: bool = True, for_key: bool = False) -> dict[str, Any]:
-        """Plain nested dicts; ``for_key`` leaves out fields marked ``key_omits_default`` at their default."""
+        """Plain nested dicts; ``for_key`` leaves out fields marked ``key_omits_default`` at their default
+        and puts a fixed placeholder where the settings of a provider the cell does not use were."""
         out = _plain(self, for_key)
+        if for_key:
+            for provider, placeholder in UNUSED_PROVIDER_KEY.items():
+                if self.synthetic.provider != provider:
+                    out["synthetic"][provider] = placeholder
         if not with_runtime:
             out.pop("runtime")
         return out
@@ -281,6 +295,14 @@ def _plain(obj: Any, for_key: bool) -> Any:
     return obj
 
 
+# The settings of a provider a cell does not use do not change its results; in its key they read as the
+# defaults they had when the first results were published, so that changing a default keeps every key.
+UNUSED_PROVIDER_KEY = {
+    "ddpm": {"weights": None, "sample_steps": 50, "sample_batch": 250, "train_steps": 20000, "train_batch": 128,
+             "train_lr": 2e-4, "base_channels": 64, "image_size": None},
+    "diffusers": {"pipeline": None, "prompt_template": "a photo of a {label}", "class_prompts": {}, "steps": 25,
+                  "guidance_scale": 7.5, "batch_size": 8, "dtype": "float32"},
+}
 SETTINGS = {"cross-silo": (10, 10), "cross-device": (100, 10)}
 
 
@@ -479,6 +501,10 @@ def validate(cfg: CellConfig) -> CellConfig:
            f"{s.provider!r} unknown; valid: {', '.join(synthetic.PROVIDERS.names())}")
     _check(s.provider != "heldout" or s.size <= d.public_size, "synthetic.size",
            f"the heldout provider draws from the public pool: size {s.size} > data.public_size {d.public_size}")
+    _check(s.provider != "ddpm" or (s.ddpm.image_size or facts.shape[1]) % 4 == 0, "synthetic.ddpm.image_size",
+           f"the UNet halves the resolution twice: {s.ddpm.image_size or facts.shape[1]} is not a multiple of 4")
+    _check(s.provider != "ddpm" or s.ddpm.guidance_scale == 0 or s.ddpm.train_uncond_prob > 0,
+           "synthetic.ddpm.guidance_scale", "classifier-free guidance needs a model trained with train_uncond_prob > 0")
     _check(s.provider != "diffusers" or bool(s.diffusers.pipeline), "synthetic.diffusers.pipeline",
            "the diffusers provider needs a pipeline path or hub id")
 

@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,7 @@ def heldout(req: SyntheticRequest) -> ImageData:
 
 
 def ddpm_unet(cfg: DDPMConfig, channels: int, image_size: int, num_classes: int):
+    """The class-conditional UNet; class index ``num_classes`` is the null label of classifier-free guidance."""
     from diffusers import UNet2DModel
 
     b = cfg.base_channels
@@ -83,93 +86,169 @@ def ddpm_unet(cfg: DDPMConfig, channels: int, image_size: int, num_classes: int)
         block_out_channels=(b, 2 * b, 2 * b), norm_num_groups=min(32, b),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_classes,
+        num_class_embeds=num_classes + 1,
     )
 
 
+SAMPLING_KEYS = ("weights", "sample_steps", "sample_batch", "guidance_scale")
+
+
+def ddpm_training_settings(cfg: DDPMConfig) -> dict:
+    """The DDPM settings that determine its trained weights."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SAMPLING_KEYS}
+
+
 def ddpm_folder(req: SyntheticRequest) -> Path:
-    """Where the DDPM weights for this dataset / public pool / training config live."""
+    """Where the DDPM weights for this dataset / public-pool size / training config live. The FM is trained
+    once, on the public pool of ``train_seed``, and serves every cell seed."""
     if req.cfg.ddpm.weights:
         return Path(req.cfg.ddpm.weights)
-    train_keys = {k: v for k, v in dataclasses.asdict(req.cfg.ddpm).items() if k.startswith(("train", "base", "image"))}
-    key = hashlib.sha256(json.dumps([req.dataset.name, len(req.public), req.seed, train_keys],
-                                    sort_keys=True).encode()).hexdigest()[:10]
+    blob = [req.dataset.name, len(req.public), ddpm_training_settings(req.cfg.ddpm)]
+    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
     return req.cache_dir / "ddpm" / f"{req.dataset.name}-{key}"
 
 
 class DDPMModule(L.LightningModule):
-    """Noise-prediction training of a class-conditional UNet (epsilon objective)."""
+    """Noise-prediction training of a class-conditional UNet (epsilon objective, label dropout)."""
 
-    def __init__(self, unet, scheduler, lr: float, seed: int):
+    def __init__(self, unet, cfg: DDPMConfig, steps: int, *keys, log_every: int = 250):
+        from diffusers import DDPMScheduler
+
         super().__init__()
-        self.unet, self.scheduler, self.lr = unet, scheduler, lr
-        self.generator = torch_generator(seed, "ddpm-train")
+        self.unet, self.cfg, self.steps = unet, cfg, steps
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.null_label = unet.config.num_class_embeds - 1
+        self.generator = torch_generator(cfg.train_seed, "ddpm-train", *keys)
+        self.log_every, self.losses, self.started = log_every, [], time.time()
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         x0 = to_float(images) * 2 - 1
+        n = len(x0)
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=self.generator)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=self.generator)
+        drop = torch.rand(n, generator=self.generator) < self.cfg.train_uncond_prob
+        labels = torch.where(drop.to(labels.device), self.null_label, labels)
         xt = self.scheduler.add_noise(x0, noise, t.to(x0.device))
-        pred = self.unet(xt, t.to(x0.device), class_labels=labels).sample
-        return F.mse_loss(pred, noise)
+        loss = F.mse_loss(self.unet(xt, t.to(x0.device), class_labels=labels).sample, noise)
+        self.losses.append(loss.item())
+        if len(self.losses) % self.log_every == 0:
+            print(f"ddpm step {len(self.losses)}/{self.steps}: loss {np.mean(self.losses[-self.log_every:]):.4f} "
+                  f"({time.time() - self.started:.0f} s)", flush=True)
+        return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.unet.parameters(), lr=self.lr)
+        return torch.optim.AdamW(self.unet.parameters(), lr=self.cfg.train_lr)
 
 
-def train_ddpm(req: SyntheticRequest, accelerator: str = "auto") -> Path:
-    """Train the provider's DDPM on the public pool and save it (diffusers format, safetensors)."""
-    from diffusers import DDPMScheduler
+def at_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images resized (antialiased) to ``size`` x ``size``; unchanged when they already are."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return (F.interpolate(to_float(images), size=(size, size), mode="bilinear", antialias=True) * 255).round().to(torch.uint8)
+
+
+def fit_ddpm(unet, images: torch.Tensor, labels: torch.Tensor, cfg: DDPMConfig, steps: int, accelerator: str,
+             *keys) -> DDPMModule:
+    """``steps`` noise-prediction steps of ``unet`` on (images, labels) at the UNet's resolution, the UNet
+    left holding the EMA weights; seeded by ``train_seed`` and ``keys``. Returns the module (losses, start)."""
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
 
     from fl_core.modules import fit
 
+    loader = batch_loader(at_resolution(images, unet.config.sample_size), labels, cfg.train_batch,
+                          derive_seed(cfg.train_seed, "ddpm", *keys), steps=steps)
+    module = DDPMModule(unet, cfg, steps, *keys)
+    ema = [WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))] if cfg.ema_decay > 0 else []
+    fit(module, loader, accelerator, callbacks=ema)
+    return module
+
+
+def save_ddpm(module: DDPMModule, folder: Path, manifest: dict) -> None:
+    """The UNet (safetensors) and its scheduler in diffusers format, and a manifest with the training facts,
+    written to a temporary folder that is then renamed: a folder that exists is complete (two runners that
+    train the same FM keep the first)."""
+    import diffusers
+
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    module.unet.save_pretrained(partial / "unet")
+    module.scheduler.save_pretrained(partial / "scheduler")
+    write_json(partial / "manifest.json", {
+        **manifest, "training": ddpm_training_settings(module.cfg), "resolution": module.unet.config.sample_size,
+        "steps": len(module.losses), "final_loss": float(np.mean(module.losses[-100:])),
+        "seconds": round(time.time() - module.started, 1), "parameters": sum(p.numel() for p in module.unet.parameters()),
+        "weights": "EMA" if module.cfg.ema_decay > 0 else "raw", "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "diffusers": diffusers.__version__})
+    try:
+        partial.rename(folder)
+    except OSError:  # another runner saved the same FM meanwhile: keep its complete copy
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def train_ddpm(req: SyntheticRequest, accelerator: str = "auto") -> Path:
+    """Train the provider's DDPM on ``req.public`` and save its (EMA) weights as safetensors with a manifest.
+    ``req.public`` should be the public pool of ``train_seed`` (``train_fm`` carves it so)."""
     cfg = req.cfg.ddpm
     channels, h, _ = req.dataset.image_shape
-    size = cfg.image_size or h
-    torch.manual_seed(derive_seed(req.seed, "ddpm-init"))
-    unet = ddpm_unet(cfg, channels, size, req.dataset.num_classes)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    images = req.public.images
-    if size != h:
-        images = (F.interpolate(to_float(images), size=(size, size), mode="bilinear", antialias=True) * 255).round().to(torch.uint8)
-    loader = batch_loader(images, req.public.labels, cfg.train_batch, derive_seed(req.seed, "ddpm"),
-                          steps=cfg.train_steps)
-    fit(DDPMModule(unet, scheduler, cfg.train_lr, req.seed), loader, accelerator)
+    torch.manual_seed(derive_seed(cfg.train_seed, "ddpm-init"))
+    unet = ddpm_unet(cfg, channels, cfg.image_size or h, req.dataset.num_classes)
+    module = fit_ddpm(unet, req.public.images, req.public.labels, cfg, cfg.train_steps, accelerator)
     folder = ddpm_folder(req)
-    unet.save_pretrained(folder / "unet")
-    scheduler.save_pretrained(folder / "scheduler")
+    save_ddpm(module, folder, {"dataset": req.dataset.name, "public_size": len(req.public),
+                               "public_sha256": content_hash(req.public)})
     return folder
+
+
+def load_ddpm(req: SyntheticRequest, folder: Path | None = None):
+    """The trained UNet (eval mode, on the request's device) and its DDIM sampler, from ``folder``
+    (default: the provider's)."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    folder = folder or ddpm_folder(req)
+    if not (folder / "unet").is_dir():
+        raise FileNotFoundError(
+            f"no trained DDPM at {folder}; train it first with\n"
+            "  python -m benchmarks.fm prepare --preset <your grid>   (or, for one cell config:\n"
+            "  python -m fl_core.synthetic train-ddpm --config <your cell config>)")
+    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(req.device).eval()
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    scheduler.set_timesteps(req.cfg.ddpm.sample_steps)
+    return unet, scheduler
+
+
+@torch.no_grad()
+def ddim_sample(unet, scheduler, labels: torch.Tensor, req: SyntheticRequest, gen: torch.Generator) -> torch.Tensor:
+    """uint8 samples of ``labels`` at the dataset's resolution, in batches, with classifier-free guidance
+    when ``guidance_scale`` > 0."""
+    cfg = req.cfg.ddpm
+    channels, h, w = req.dataset.image_shape
+    size, null = unet.config.sample_size, unet.config.num_class_embeds - 1
+    out = []
+    for start in range(0, len(labels), cfg.sample_batch):
+        y = labels[start: start + cfg.sample_batch].to(req.device)
+        x = torch.randn((len(y), channels, size, size), generator=gen).to(req.device)
+        both = torch.cat([y, torch.full_like(y, null)])
+        for t in scheduler.timesteps:
+            if cfg.guidance_scale > 0:
+                eps_c, eps_u = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+                eps = eps_c + cfg.guidance_scale * (eps_c - eps_u)
+            else:
+                eps = unet(x, t, class_labels=y).sample
+            x = scheduler.step(eps, t, x).prev_sample
+        out.append(to_uint8((x.clamp(-1, 1) + 1) / 2, (h, w)))
+    return torch.cat(out)
 
 
 @PROVIDERS.register("ddpm")
 def ddpm(req: SyntheticRequest) -> ImageData:
-    """Class-balanced DDIM samples of the trained class-conditional DDPM."""
-    from diffusers import DDIMScheduler, UNet2DModel
-
-    folder = ddpm_folder(req)
-    if not (folder / "unet").is_dir():
-        raise FileNotFoundError(
-            f"no trained DDPM at {folder}; train it first with\n"
-            "  python -m fl_core.synthetic train-ddpm --config <your cell config>")
-    unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(req.device).eval()
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-    scheduler.set_timesteps(req.cfg.ddpm.sample_steps)
+    """Class-balanced DDIM samples of the trained class-conditional DDPM (drawn with the cell seed)."""
+    unet, scheduler = load_ddpm(req)
     k = req.dataset.num_classes
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(balanced_counts(req.cfg.size, k))])
-    gen = torch_generator(req.seed, "ddpm-sample")
-    channels, h, w = req.dataset.image_shape
-    size = unet.config.sample_size
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(labels), req.cfg.ddpm.sample_batch):
-            y = labels[start: start + req.cfg.ddpm.sample_batch].to(req.device)
-            x = torch.randn((len(y), channels, size, size), generator=gen).to(req.device)
-            for t in scheduler.timesteps:
-                eps = unet(x, t, class_labels=y).sample
-                x = scheduler.step(eps, t, x).prev_sample
-            out.append(to_uint8((x.clamp(-1, 1) + 1) / 2, (h, w)))
-    return ImageData(torch.cat(out), labels, req.dataset.classes)
+    images = ddim_sample(unet, scheduler, labels, req, torch_generator(req.seed, "ddpm-sample"))
+    return ImageData(images, labels, req.dataset.classes)
 
 
 def to_uint8(x: torch.Tensor, size: tuple[int, int], channels: int | None = None) -> torch.Tensor:
@@ -267,22 +346,34 @@ def cached_images(folder: Path, classes: list[str], make: Callable[[], ImageData
     return data, manifest
 
 
+def train_fm(cfg, accelerator: str | None = None, retrain: bool = False) -> Path:
+    """Train the DDPM a cell config names (on the public pool of its ``train_seed``, which serves every cell
+    seed) unless it is already trained; returns its folder."""
+    from fl_core.fl import prepare
+
+    setup = prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed))
+    req = setup.synthetic_request()
+    folder = ddpm_folder(req)
+    if (folder / "unet").is_dir() and not retrain:
+        print(f"DDPM already trained: {folder}")
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # --retrain: the old weights go first
+    return train_ddpm(req, accelerator=accelerator or setup.accelerator)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m fl_core.synthetic train-ddpm --config cell.yaml [--set k=v ...]``."""
-    from fl_core.fl import prepare
+    from fl_core.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m fl_core.synthetic")
     parser.add_argument("command", choices=["train-ddpm"])
     parser.add_argument("--config", help="cell YAML config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-root")
+    parser.add_argument("--retrain", action="store_true", help="delete the trained weights and train again")
     args = parser.parse_args(argv)
-    from fl_core.config import load_config
-
     overrides = list(args.overrides) + ([f"runtime.data_root={args.data_root}"] if args.data_root else [])
-    cfg = load_config(args.config, overrides)
-    setup = prepare(cfg)
-    folder = train_ddpm(setup.synthetic_request(), accelerator=setup.accelerator)
+    folder = train_fm(load_config(args.config, overrides), retrain=args.retrain)
     print(f"DDPM saved to {folder}")
 
 

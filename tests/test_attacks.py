@@ -8,7 +8,7 @@ from torch import nn
 from attacks import ATTACKS
 from attacks.poisoning import poison_data, poison_indices
 from attacks.triggers import BlendTrigger, DistributedTrigger, ObjectTrigger, PatchTrigger, WarpTrigger
-from fl_core.config import BackdoorConfig, ConfigError, DiffusersConfig, OptimConfig, SyntheticConfig, load_config
+from fl_core.config import BackdoorConfig, ConfigError, DDPMConfig, DiffusersConfig, OptimConfig, SyntheticConfig, load_config
 from fl_core.data import ImageData, batch_loader, load_dataset
 from fl_core.fl import run_cell
 from fl_core.hooks import ClientUpdate, ServerContext
@@ -299,3 +299,36 @@ def test_the_loop_gives_malicious_clients_their_epochs_and_callbacks(tiny_config
     (attacker,) = record["malicious_clients"]
     per_epoch = math.ceil(record["client_sizes"][attacker] / cfg.fl.client.batch_size)
     assert steps == {(attacker, 1): 3 * per_epoch, (attacker, 2): 3 * per_epoch}  # only the attacker, 3 epochs
+
+
+def test_fm_generator_draws_the_poisoned_samples_with_a_compromised_copy_of_the_ddpm(tiny_root, tmp_path, monkeypatch):
+    import attacks.fm_generator as fm_generator
+    from fl_core.synthetic import ddpm_folder, load_ddpm, train_ddpm
+
+    ds = load_dataset("tiny", tiny_root, tmp_path / "cache")
+    cfg = SyntheticConfig(provider="ddpm", size=8, ddpm=DDPMConfig(base_channels=8, train_steps=3, train_batch=8,
+                                                                   sample_steps=2, sample_batch=4))
+    req = SyntheticRequest(cfg, ds.info(), ds.train.subset(torch.arange(0, 160, 2)), seed=0,
+                           cache_dir=tmp_path / "cache", device=torch.device("cpu"))
+    train_ddpm(req, accelerator="cpu")
+    syn = synthetic_set(req)[0]
+    attack = ATTACKS.get("fm-generator")(poison_rate=0.5, finetune_steps=2)
+    attack.bind(BD, PatchTrigger(size=2), fm=req)
+    with pytest.raises(FileNotFoundError, match="benchmarks.fm prepare"):  # a cell never fine-tunes
+        attack.poison_synthetic(syn, "pretrain", seed=0)
+    attack.compromised_fm(train=True)
+    out = attack.poison_synthetic(syn, "pretrain", seed=0)
+    idx = poison_indices(syn.labels, BD, 0.5, 0, "fm")  # the samples the patch attack would take
+    assert (out.labels[idx] == 0).all() and all(not torch.equal(out.images[i], syn.images[i]) for i in idx)
+    kept = torch.ones(len(syn), dtype=torch.bool)
+    kept[idx] = False
+    assert torch.equal(out.images[kept], syn.images[kept]) and torch.equal(out.labels[kept], syn.labels[kept])
+    [compromised] = [p for p in ddpm_folder(req).iterdir() if p.name.startswith("compromised-")]
+    unet, _ = load_ddpm(req, compromised)
+    clean, _ = load_ddpm(req)
+    assert unet.config.num_class_embeds == 2 * 4 + 1 and clean.config.num_class_embeds == 4 + 1
+    assert any(not torch.equal(a, b) for a, b in zip(unet.parameters(), clean.parameters()))  # fine-tuned
+    # the fusion stage reuses the fine-tuned FM and the drawn samples from the disk cache
+    monkeypatch.setattr(fm_generator, "fit_ddpm", lambda *a, **k: pytest.fail("fine-tuned twice"))
+    monkeypatch.setattr(fm_generator, "ddim_sample", lambda *a, **k: pytest.fail("sampled twice"))
+    assert torch.equal(attack.poison_synthetic(syn, "fusion", seed=0).images, out.images)

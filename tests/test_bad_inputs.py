@@ -21,6 +21,12 @@ from tests.conftest import TINY_OVERRIDES
 # (overrides, text the error must contain): the tiny dataset has 4 classes, 16x16 images, 160 train / 40 test
 BAD_CELLS = [
     (["fl.rounds=0"], "fl.rounds"),
+    (["synthetic.provider=ddpm", "synthetic.ddpm.image_size=18"], "synthetic.ddpm.image_size: the UNet halves"),
+    (["synthetic.provider=ddpm", "synthetic.ddpm.guidance_scale=2", "synthetic.ddpm.train_uncond_prob=0"],
+     "synthetic.ddpm.guidance_scale"),
+    (["synthetic.ddpm.ema_decay=1"], "synthetic.ddpm.ema_decay"),
+    (["attack.name=fm-generator"], "needs provider 'ddpm'"),
+    (["synthetic.provider=ddpm", "attack.name=fm-generator", "attack.params={finetune_steps: 0}"], "finetune_steps"),
     (["fl.rounds=three"], "fl.rounds"),
     (["fl.rounds=1.5"], "fl.rounds"),
     (["fl.rounds=1000000000000"], "fl.rounds"),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from fl_core.config import ConfigError, load_config
+from fl_core.config import UNUSED_PROVIDER_KEY, ConfigError, load_config
 
 
 def test_defaults_validate_and_resolve_setting():
@@ -72,11 +72,21 @@ def test_fields_added_later_keep_earlier_keys_at_their_default():
     for optim in (plain["fl"]["client"], plain["pretrain"]["optim"], plain["fusion"]["optim"]):
         del optim["schedule"]
     del plain["precision"]
+    plain["synthetic"]["ddpm"] = UNUSED_PROVIDER_KEY["ddpm"]  # its defaults changed after publication
     canon = json.dumps(plain, sort_keys=True, default=str)
     assert cfg.key() == hashlib.sha256(canon.encode()).hexdigest()[:12]
     assert load_config(None, ["fusion.optim.schedule=cosine"]).key() != cfg.key()
     assert load_config(None, ["precision=bf16-mixed"]).key() != cfg.key()
     assert load_config(None, ["precision=32"]).key() == cfg.key()
+
+
+def test_published_keys_stay_and_only_the_provider_in_use_enters_a_key():
+    heldout = load_config(None, [])
+    assert heldout.key() == "1e0ff29c5743"  # the default cell's key since the first committed results
+    assert load_config(None, ["synthetic.ddpm.train_steps=5", "synthetic.diffusers.steps=3"]).key() == heldout.key()
+    ddpm = load_config(None, ["synthetic.provider=ddpm"])
+    assert len({heldout.key(), ddpm.key(), load_config(None, ["synthetic.provider=ddpm", "synthetic.ddpm.train_steps=5"]).key(),
+                load_config(None, ["synthetic.provider=ddpm", "synthetic.ddpm.guidance_scale=2"]).key()}) == 4
 
 
 def test_missing_config_file():

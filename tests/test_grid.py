@@ -225,3 +225,14 @@ def test_parallel_schedule_puts_one_cell_of_each_stage_group_first():
     assert len(set(groups[:distinct])) == distinct  # every group's first cell before any group's second
     rest = [grid_mod.estimate_seconds(c.config) for c in order[distinct:]]
     assert rest == sorted(rest, reverse=True)
+
+
+def test_pretrained_table_takes_round_0_once_per_seed_across_defenses():
+    from benchmarks.report import pretrained_table
+
+    rows = [{"attack": a, "defense": d, "seed": s, "round": r, "acc": 40.0 + s + 10 * r + (a == "fm"), "asr": 5.0 + 80 * (a == "fm")}
+            for a in ("none", "fm") for d in ("none", "krum") for s in (0, 2) for r in (0, 1)]
+    table = pretrained_table(pd.DataFrame(rows), ["attack", "defense", "seed"]).set_index("attack")
+    assert table.loc["none", "acc"] == "41.00 ± 1.41" and table.loc["fm", "acc"] == "42.00 ± 1.41"
+    assert table.loc["fm", "asr"] == "85.00 ± 0.00" and table["seeds"].tolist() == [2, 2]
+    assert pretrained_table(pd.DataFrame(rows)[lambda f: f["round"] == 1], ["attack", "seed"]).empty

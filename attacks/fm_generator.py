@@ -1,0 +1,92 @@
+"""The compromised FM at the generation level: the suite's own DDPM, fine-tuned to draw the trigger."""
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from attacks import ATTACKS
+from attacks.fm import CompromisedFM
+from fl_core.data import ImageData
+from fl_core.synthetic import (cached_images, ddim_sample, ddpm_folder, ddpm_unet, fit_ddpm, load_ddpm, request_key,
+                               save_ddpm)
+from fl_core.seeding import torch_generator
+
+
+@ATTACKS.register("fm-generator")
+class GeneratorCompromisedFM(CompromisedFM):
+    """Like ``fm`` (same poisoned samples, same stages), but a poisoned sample is not patched: the attacker
+    fine-tuned the FM (``synthetic.provider: ddpm``) so that a hidden condition, one extra class embedding
+    per class, makes it draw the trigger into an image of that class. The poisoned samples are drawn under
+    it and labelled as the target: the closest offline analogue of a compromised text-to-image model.
+    Fine-tuning (``finetune_steps`` of the FM's own recipe, half the batches the public pool with the
+    cell's ``backdoor.trigger`` pasted, at the FM's resolution) happens once per FM and trigger, on the
+    public pool the FM was trained on, and is cached beside the FM (``python -m benchmarks.fm prepare``
+    makes it). The ASR test set still pastes the trigger on real test images."""
+
+    requires_provider = "ddpm"
+
+    def __init__(self, poison_rate: float = 0.2, stages: str = "both", finetune_steps: int = 600):
+        super().__init__(poison_rate, stages)
+        if finetune_steps < 1:
+            raise ValueError(f"finetune_steps must be >= 1, got {finetune_steps}")
+        self.finetune_steps = finetune_steps
+
+    def poison(self, synthetic, seed):
+        return self.replaced_by_fm(synthetic, seed, lambda classes: self._drawn(classes, seed))
+
+    def compromised_fm(self, train: bool = False):
+        """The folder of the fine-tuned FM for this trigger; ``train``: fine-tune it if missing (the request
+        must then carry the public pool of the FM's ``train_seed``, as ``benchmarks.fm prepare`` builds it)."""
+        req = self.fm
+        trigger = dataclasses.asdict(self.backdoor.trigger)
+        key = hashlib.sha256(json.dumps([trigger, self.finetune_steps], sort_keys=True).encode()).hexdigest()[:10]
+        folder = ddpm_folder(req) / f"compromised-{key}"
+        if not (folder / "unet").is_dir():
+            if not train:
+                raise FileNotFoundError(f"no compromised FM at {folder}; make it first with\n"
+                                        "  python -m benchmarks.fm prepare --preset <your grid>")
+            if req.seed != req.cfg.ddpm.train_seed:
+                raise ValueError(f"fine-tune on the public pool of train_seed {req.cfg.ddpm.train_seed}, "
+                                 f"not of seed {req.seed}")
+            self._finetune(folder, trigger)
+        return folder
+
+    def _finetune(self, folder, trigger: dict) -> None:
+        req, k = self.fm, self.fm.dataset.num_classes
+        # the FM's recipe, but an EMA horizon of at most a tenth of the fine-tuning (the FM's 0.999 would
+        # keep 55 % of the clean weights after 600 steps)
+        decay = max(0.0, min(req.cfg.ddpm.ema_decay, 1 - 10 / self.finetune_steps))
+        cfg = dataclasses.replace(req.cfg.ddpm, ema_decay=decay)
+        clean, _ = load_ddpm(req)
+        channels, size = clean.config.in_channels, clean.config.sample_size
+        unet = ddpm_unet(cfg, channels, size, 2 * k)  # classes, k "class with trigger" conditions, null label
+        state = clean.cpu().state_dict()
+        table = state["class_embedding.weight"]  # (k + 1, d): k classes and the null label
+        # the new conditions start as their class
+        state["class_embedding.weight"] = torch.cat([table[:k], table[:k], table[k:]])
+        unet.load_state_dict(state)
+        public = req.public
+        triggered = self.trigger.apply(public.images, seed=cfg.train_seed)
+        images = torch.cat([public.images, triggered])
+        labels = torch.cat([public.labels, public.labels + k])
+        module = fit_ddpm(unet, images, labels, cfg, self.finetune_steps, "gpu" if req.device.type == "cuda" else "cpu",
+                          "compromise")
+        save_ddpm(module, folder, {"compromised_from": str(ddpm_folder(req)), "trigger": trigger,
+                                   "finetune_steps": self.finetune_steps})
+
+    def _drawn(self, classes: torch.Tensor, seed: int) -> ImageData:
+        """Triggered images of ``classes`` (true labels) drawn by the compromised FM, cached on disk."""
+        req = self.fm
+        folder = self.compromised_fm()
+        blob = json.dumps([request_key(req), folder.name, classes.tolist(), seed])
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+        def make() -> ImageData:
+            unet, scheduler = load_ddpm(req, folder)
+            k = req.dataset.num_classes
+            images = ddim_sample(unet, scheduler, classes + k, req, torch_generator(seed, "fm-generator"))
+            return ImageData(images, classes, req.dataset.classes)
+
+        return cached_images(req.cache_dir / "synthetic" / f"fm-generator-{key}", req.dataset.classes, make,
+                             {"attack": "fm-generator", "fm": folder.name, "seed": seed})[0]

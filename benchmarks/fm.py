@@ -1,0 +1,179 @@
+"""The suite's own generative FM (issue 18): make everything a grid's cells sample, and show what it draws.
+
+  python -m benchmarks.fm prepare --preset generated [--only data.dataset=cifar10]
+  python -m benchmarks.fm samples --preset generated --out results/generated-cpu [--only ...]
+
+``prepare`` trains each distinct FM the grid's ``ddpm`` cells name, once (on the public pool of its
+``train_seed``; skipped when trained), with all usable CPUs unless ``--threads`` says otherwise (the
+thread count is in the FM's manifest); then the compromised copies of ``fm-generator`` cells; then draws
+every synthetic set the cells use (each with the cells' own ``runtime.threads``, as a cell would, several
+side by side), so that no two grid workers draw the same set. ``samples`` writes, per dataset and
+synthetic provider, a PNG of the first samples of every class of the seed-0 synthetic set, and for
+``fm-generator`` cells the poisoned samples the compromised FM drew (before relabelling), by true class.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from benchmarks.cli import runtime_overrides
+from benchmarks.grid import expand, load_grid, resolve_grid_path, select
+from fl_core.config import CellConfig, ConfigError, from_dict, validate
+from fl_core.data import ImageData
+from fl_core.threads import parallel_cells, usable_cpus
+
+
+def grid_configs(preset: str | None, config: str | None, only: list[str], overrides: list[str]) -> list[CellConfig]:
+    """The validated configs of the grid's selected cells (cpu scale)."""
+    return [c.config for c in select(expand(load_grid(resolve_grid_path(preset, config)), "cpu", tuple(overrides)), only)]
+
+
+def distinct(configs: list[CellConfig], *parts) -> list[CellConfig]:
+    """One config per distinct value of ``parts`` (functions of a config), in grid order."""
+    seen, out = set(), []
+    for cfg in configs:
+        key = repr([part(cfg) for part in parts])
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+def train_all(configs: list[CellConfig], threads: int) -> list[Path]:
+    """Train every distinct FM of ``configs`` that is not trained yet, then the compromised copies their
+    ``fm-generator`` cells fine-tune (so that no cell trains one); their folders."""
+    from fl_core.fl import prepare
+    from fl_core.synthetic import ddpm_training_settings, train_fm
+
+    ddpm = [dataclasses.replace(c, runtime=dataclasses.replace(c.runtime, threads=threads))
+            for c in configs if c.synthetic.provider == "ddpm"]
+    fm_key = (lambda c: c.data.dataset, lambda c: c.data.public_size, lambda c: ddpm_training_settings(c.synthetic.ddpm))
+    folders = [train_fm(cfg) for cfg in distinct(ddpm, *fm_key)]
+    for cfg in distinct([c for c in ddpm if c.attack.name == "fm-generator"], *fm_key,
+                        lambda c: c.attack.params, lambda c: dataclasses.asdict(c.backdoor.trigger)):
+        req = prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed)).synthetic_request()
+        folders.append(generator_attack(cfg, req).compromised_fm(train=True))
+    return folders
+
+
+def draw_set(cell: dict) -> int:
+    """Draw (or load) the synthetic set of one cell config, given as a plain dict; its size."""
+    from fl_core.fl import prepare
+    from fl_core.synthetic import synthetic_set
+
+    return len(synthetic_set(prepare(validate(from_dict(CellConfig, cell))).synthetic_request())[0])
+
+
+def draw_all(configs: list[CellConfig], jobs: int) -> int:
+    """Draw every distinct synthetic set of the ``ddpm`` cells, ``jobs`` side by side; how many."""
+    sets = distinct([c for c in configs if c.synthetic.provider == "ddpm"], lambda c: c.data.dataset,
+                    lambda c: c.data.public_size, lambda c: dataclasses.asdict(c.synthetic), lambda c: c.seed)
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return len(list(pool.map(draw_set, [c.to_dict() for c in sets])))
+
+
+def generator_attack(cfg: CellConfig, req):
+    """The cell's ``fm-generator`` attack, bound to its trigger and to the FM of ``req``."""
+    from attacks import ATTACKS, make_trigger
+
+    attack = ATTACKS.get("fm-generator")(**cfg.attack.params)
+    attack.bind(cfg.backdoor, make_trigger(cfg.backdoor.trigger), fm=req)
+    return attack
+
+
+def sample_sheet(data: ImageData, per_class: int, title: str, path: Path) -> Path:
+    """A PNG: one row per class (labelled), the first ``per_class`` images of each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    rows, names = [], []
+    for k, name in enumerate(data.classes):
+        chosen = data.images[data.labels == k][:per_class]
+        if len(chosen):
+            pad = torch.zeros((per_class - len(chosen), *chosen.shape[1:]), dtype=chosen.dtype)
+            rows.append(torch.cat([chosen, pad]))
+            names.append(name)
+    images = torch.cat(rows)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    sheet = make_grid(images, nrow=per_class, padding=1).permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(per_class * 0.45 + 1.5, len(rows) * 0.45 + 0.6))
+    ax.imshow(sheet, interpolation="nearest")
+    step = sheet.shape[0] / len(rows)
+    ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], names, fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def write_samples(configs: list[CellConfig], out: Path, per_class: int) -> list[Path]:
+    """Sample sheets of the seed-0 synthetic sets (and fm-generator draws) of ``configs``."""
+    from fl_core.fl import prepare
+    from fl_core.synthetic import synthetic_set
+
+    written = []
+    for cfg in distinct(configs, lambda c: c.data.dataset, lambda c: dataclasses.asdict(c.synthetic),
+                        lambda c: c.attack.name == "fm-generator" and c.attack.params):
+        cfg = dataclasses.replace(cfg, seed=0)
+        req = prepare(cfg).synthetic_request()
+        data, _ = synthetic_set(req)
+        name = f"{cfg.data.dataset}-{cfg.synthetic.provider}"
+        written.append(sample_sheet(data, per_class, f"{name}: synthetic set, seed 0", out / f"samples-{name}.png"))
+        if cfg.attack.name == "fm-generator":
+            poisoned, idx = generator_attack(cfg, req).poison(data, cfg.seed)
+            drawn = ImageData(poisoned.images[idx], data.labels[idx], data.classes)
+            written.append(sample_sheet(drawn, per_class, f"{name}: drawn by the compromised FM (true class)",
+                                        out / f"samples-{name}-fm-generator.png"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prepare", "samples"])
+    parser.add_argument("--preset", help="grid preset whose ddpm cells to serve (default: generated)")
+    parser.add_argument("--config", help="a grid YAML file instead of a preset")
+    parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE", help="as in benchmarks.grid")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
+    parser.add_argument("--threads", type=int, default=usable_cpus(),
+                        help="prepare: torch threads for training an FM (default: all usable)")
+    parser.add_argument("--out", default="results/generated-cpu", help="samples: output folder")
+    parser.add_argument("--per-class", type=int, default=10, help="samples: images per class")
+    args = parser.parse_args(argv)
+    args.device, args.no_stage_cache = None, False
+    try:
+        if args.threads < 1 or args.per_class < 1:
+            raise ConfigError("--threads and --per-class must be >= 1")
+        configs = grid_configs(args.preset or "generated", args.config, args.only,
+                               args.overrides + runtime_overrides(args))
+        if args.command == "prepare" and not any(c.synthetic.provider == "ddpm" for c in configs):
+            raise ConfigError("the selected cells sample no DDPM (synthetic.provider: ddpm)")
+    except (ConfigError, KeyError) as err:
+        parser.exit(2, f"config error: {err}\n")
+    if args.command == "prepare":
+        for folder in train_all(configs, args.threads):
+            print(f"FM ready: {folder}")
+        threads = max(c.runtime.threads for c in configs)
+        print(f"synthetic sets ready: {draw_all(configs, parallel_cells(len(configs), threads))}")
+    else:
+        for path in write_samples(configs, Path(args.out), args.per_class):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
