@@ -125,9 +125,10 @@ def pretrained_table(rounds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     group = [a for a in axes if a != "seed" and _role([a], "defense") is None]
     if rounds.empty or "round" not in rounds or not (rounds["round"] == 0).any():
         return pd.DataFrame()
-    first = rounds[rounds["round"] == 0].drop_duplicates(subset=group + [c for c in ("seed",) if c in rounds])
+    first = rounds[rounds["round"] == 0]
     if not group:
         first, group = first.assign(_all="all"), ["_all"]
+    first = first.drop_duplicates(subset=group + [c for c in ("seed",) if c in first])
     table = first.groupby(group, sort=False).agg({"acc": _mean_std, "asr": _mean_std})
     table["seeds"] = first.groupby(group, sort=False).size()
     return table.reset_index()

@@ -236,3 +236,5 @@ def test_pretrained_table_takes_round_0_once_per_seed_across_defenses():
     assert table.loc["none", "acc"] == "41.00 ± 1.41" and table.loc["fm", "acc"] == "42.00 ± 1.41"
     assert table.loc["fm", "asr"] == "85.00 ± 0.00" and table["seeds"].tolist() == [2, 2]
     assert pretrained_table(pd.DataFrame(rows)[lambda f: f["round"] == 1], ["attack", "seed"]).empty
+    single = pd.DataFrame(rows)[lambda f: (f["attack"] == "none") & (f["defense"] == "none") & (f["seed"] == 0)]
+    assert pretrained_table(single.drop(columns=["attack", "defense", "seed"]), [])["seeds"].tolist() == [1]
