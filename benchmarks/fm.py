@@ -48,8 +48,7 @@ def distinct(configs: list[CellConfig], *parts) -> list[CellConfig]:
 def train_all(configs: list[CellConfig], threads: int) -> list[Path]:
     """Train every distinct FM of ``configs`` that is not trained yet, then the compromised copies their
     ``fm-generator`` cells fine-tune (so that no cell trains one); their folders."""
-    from fl_core.fl import prepare
-    from fl_core.synthetic import ddpm_training_settings, train_fm
+    from fl_core.synthetic import ddpm_training_settings, fm_training_request, train_fm
 
     ddpm = [dataclasses.replace(c, runtime=dataclasses.replace(c.runtime, threads=threads))
             for c in configs if c.synthetic.provider == "ddpm"]
@@ -57,8 +56,7 @@ def train_all(configs: list[CellConfig], threads: int) -> list[Path]:
     folders = [train_fm(cfg) for cfg in distinct(ddpm, *fm_key)]
     for cfg in distinct([c for c in ddpm if c.attack.name == "fm-generator"], *fm_key,
                         lambda c: c.attack.params, lambda c: dataclasses.asdict(c.backdoor.trigger)):
-        req = prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed)).synthetic_request()
-        folders.append(generator_attack(cfg, req).compromised_fm(train=True))
+        folders.append(generator_attack(cfg, fm_training_request(cfg)).compromised_fm(train=True))
     return folders
 
 
@@ -149,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE", help="as in benchmarks.grid")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
+    parser.add_argument("--device", help="auto | cpu | cuda[:N] (training and drawing)")
+    parser.set_defaults(no_stage_cache=False)  # no stage runs here
     parser.add_argument("--threads", type=int, default=usable_cpus(),
                         help="prepare: torch threads for training an FM (default: all usable)")
     parser.add_argument("--out", default="results/generated-cpu", help="samples: output folder")
     parser.add_argument("--per-class", type=int, default=10, help="samples: images per class")
     args = parser.parse_args(argv)
-    args.device, args.no_stage_cache = None, False
     try:
         if args.threads < 1 or args.per_class < 1:
             raise ConfigError("--threads and --per-class must be >= 1")

@@ -346,19 +346,23 @@ def cached_images(folder: Path, classes: list[str], make: Callable[[], ImageData
     return data, manifest
 
 
-def train_fm(cfg, accelerator: str | None = None, retrain: bool = False) -> Path:
-    """Train the DDPM a cell config names (on the public pool of its ``train_seed``, which serves every cell
-    seed) unless it is already trained; returns its folder."""
+def fm_training_request(cfg) -> SyntheticRequest:
+    """The request an FM is trained (and fine-tuned) with: the public pool of its ``train_seed``, which
+    serves every cell seed."""
     from fl_core.fl import prepare
 
-    setup = prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed))
-    req = setup.synthetic_request()
+    return prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed)).synthetic_request()
+
+
+def train_fm(cfg, accelerator: str | None = None, retrain: bool = False) -> Path:
+    """Train the DDPM a cell config names unless it is already trained; returns its folder."""
+    req = fm_training_request(cfg)
     folder = ddpm_folder(req)
     if (folder / "unet").is_dir() and not retrain:
         print(f"DDPM already trained: {folder}")
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # --retrain: the old weights go first
-    return train_ddpm(req, accelerator=accelerator or setup.accelerator)
+    return train_ddpm(req, accelerator=accelerator or ("gpu" if req.device.type == "cuda" else "cpu"))
 
 
 def main(argv: list[str] | None = None) -> None:
