@@ -72,7 +72,7 @@ class GeneratorCompromisedFM(CompromisedFM):
         labels = torch.cat([public.labels, public.labels + k])
         module = fit_ddpm(unet, images, labels, cfg, self.finetune_steps, "gpu" if req.device.type == "cuda" else "cpu",
                           "compromise")
-        save_ddpm(module, folder, {"compromised_from": str(ddpm_folder(req)), "trigger": trigger,
+        save_ddpm(module, folder, {"compromised_from": ddpm_folder(req).name, "trigger": trigger,
                                    "finetune_steps": self.finetune_steps})
 
     def _drawn(self, classes: torch.Tensor, seed: int) -> ImageData:

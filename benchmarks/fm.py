@@ -5,9 +5,10 @@
 
 ``prepare`` trains each distinct FM the grid's ``ddpm`` cells name, once (on the public pool of its
 ``train_seed``; skipped when trained), with all usable CPUs unless ``--threads`` says otherwise (the
-thread count is in the FM's manifest); then the compromised copies of ``fm-generator`` cells; then draws
-every synthetic set the cells use (each with the cells' own ``runtime.threads``, as a cell would, several
-side by side), so that no two grid workers draw the same set. ``samples`` writes, per dataset and
+thread count and device are in the FM's manifest); then the compromised copies of ``fm-generator`` cells;
+then draws every synthetic set the cells use, and the poisoned samples the compromised copies draw for
+them (each with the cells' own ``runtime.threads``, as a cell would, several side by side), so that no
+grid worker draws anything. ``samples`` writes, per dataset and
 synthetic provider, a PNG of the first samples of every class of the seed-0 synthetic set, and for
 ``fm-generator`` cells the poisoned samples the compromised FM drew (before relabelling), by true class.
 """
@@ -61,17 +62,32 @@ def train_all(configs: list[CellConfig], threads: int) -> list[Path]:
 
 
 def draw_set(cell: dict) -> int:
-    """Draw (or load) the synthetic set of one cell config, given as a plain dict; its size."""
+    """Draw (or load) the synthetic set of one cell config, given as a plain dict, and for an ``fm-generator``
+    cell the poisoned samples its compromised FM draws; the set's size."""
     from fl_core.fl import prepare
     from fl_core.synthetic import synthetic_set
 
-    return len(synthetic_set(prepare(validate(from_dict(CellConfig, cell))).synthetic_request())[0])
+    cfg = validate(from_dict(CellConfig, cell))
+    req = prepare(cfg).synthetic_request()
+    synthetic = synthetic_set(req)[0]
+    if cfg.attack.name == "fm-generator":
+        attack = generator_attack(cfg, req)
+        for stage in ("pretrain", "fusion"):
+            attack.poison_synthetic(synthetic, stage, cfg.seed)
+    return len(synthetic)
 
 
 def draw_all(configs: list[CellConfig], jobs: int) -> int:
-    """Draw every distinct synthetic set of the ``ddpm`` cells, ``jobs`` side by side; how many."""
+    """Draw every distinct synthetic set of the ``ddpm`` cells (and every distinct set of samples their
+    compromised FMs draw), ``jobs`` side by side; how many."""
+    def generator_draws(c: CellConfig):
+        if c.attack.name != "fm-generator":
+            return None
+        return c.attack.params, dataclasses.asdict(c.backdoor)
+
     sets = distinct([c for c in configs if c.synthetic.provider == "ddpm"], lambda c: c.data.dataset,
-                    lambda c: c.data.public_size, lambda c: dataclasses.asdict(c.synthetic), lambda c: c.seed)
+                    lambda c: c.data.public_size, lambda c: dataclasses.asdict(c.synthetic), lambda c: c.seed,
+                    generator_draws)
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         return len(list(pool.map(draw_set, [c.to_dict() for c in sets])))
 

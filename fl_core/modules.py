@@ -173,7 +173,8 @@ def fit(module: L.LightningModule, loader, accelerator: str, *, max_epochs: int 
         callbacks: list | None = None, precision: str = "32") -> None:
     """Run a quiet Lightning Trainer (no logger, checkpoints or progress bar) on ``module``.
 
-    Lightning turns Ctrl-C into ``sys.exit(1)`` and ignores SIGINT from then on; here it stays a
+    The module stays on the trainer's device afterwards (Lightning's teardown moves it to the CPU; models
+    are kept GPU-resident between stages). Lightning turns Ctrl-C into ``sys.exit(1)`` and ignores SIGINT from then on; here it stays a
     KeyboardInterrupt (and Ctrl-C works again), so callers can stop cleanly and say so."""
     trainer = L.Trainer(
         accelerator=accelerator, devices=1, max_epochs=max_epochs, max_steps=max_steps, logger=False,
@@ -182,6 +183,7 @@ def fit(module: L.LightningModule, loader, accelerator: str, *, max_epochs: int 
     )
     try:
         trainer.fit(module, train_dataloaders=loader)
+        module.to(trainer.strategy.root_device)
     except SystemExit as exit_:
         if isinstance(exit_.__context__, KeyboardInterrupt):
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -120,6 +120,10 @@ class DDPMModule(L.LightningModule):
         self.null_label = unet.config.num_class_embeds - 1
         self.generator = torch_generator(cfg.train_seed, "ddpm-train", *keys)
         self.log_every, self.losses, self.started = log_every, [], time.time()
+        self.trained_on = "cpu"
+
+    def on_fit_start(self):
+        self.trained_on = str(self.device)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -180,7 +184,7 @@ def save_ddpm(module: DDPMModule, folder: Path, manifest: dict) -> None:
         "steps": len(module.losses), "final_loss": float(np.mean(module.losses[-100:])),
         "seconds": round(time.time() - module.started, 1), "parameters": sum(p.numel() for p in module.unet.parameters()),
         "weights": "EMA" if module.cfg.ema_decay > 0 else "raw", "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "diffusers": diffusers.__version__})
+        "device": module.trained_on, "torch": torch.__version__, "diffusers": diffusers.__version__})
     try:
         partial.rename(folder)
     except OSError:  # another runner saved the same FM meanwhile: keep its complete copy

@@ -22,13 +22,17 @@ def test_train_then_samples_then_the_grid_runs_on_generated_data(tiny_root, tmp_
     assert fm.main(["prepare", "--config", str(path), "--threads", "1"]) == 0
     [folder] = (tmp_path / "cache" / "ddpm").iterdir()  # one FM serves both seeds and both attacks
     assert [p.name.startswith("compromised-") for p in folder.iterdir() if p.is_dir() and "-" in p.name] == [True]
-    assert json.loads((folder / "manifest.json").read_text())["threads"] == 1
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["threads"], manifest["device"]) == (1, "cpu")
+    assert len(list((tmp_path / "cache" / "synthetic").glob("fm-generator-*"))) == 2  # the poisoned draws, per seed
     out = tmp_path / "sheets"
     assert fm.main(["samples", "--config", str(path), "--out", str(out), "--per-class", "3"]) == 0
     assert {p.name for p in out.iterdir()} == {"samples-tiny-heldout.png", "samples-tiny-ddpm.png",
                                                "samples-tiny-ddpm-fm-generator.png"}
     monkeypatch.setattr("fl_core.synthetic.train_ddpm", lambda *a, **k: pytest.fail("the grid never trains an FM"))
     monkeypatch.setattr("attacks.fm_generator.fit_ddpm", lambda *a, **k: pytest.fail("nor fine-tunes one"))
+    for drawer in ("fl_core.synthetic.ddim_sample", "attacks.fm_generator.ddim_sample"):
+        monkeypatch.setattr(drawer, lambda *a, **k: pytest.fail("nor draws: prepare drew every set"))
     assert grid_mod.main(["--config", str(path), "--out", str(tmp_path / "grid"), "--jobs", "1", "--no-report"]) == 0
     cells = [json.loads(p.read_text()) for p in (tmp_path / "grid" / "cells").glob("*/record.json")]
     assert len(cells) == 6  # a record.json is written only when a cell is done
