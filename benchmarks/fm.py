@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cli import runtime_overrides
-from benchmarks.grid import expand, load_grid, resolve_grid_path, select
+from benchmarks.grid import expand, load_grid, resolve_grid_path
 from fl_core.config import CellConfig, ConfigError, from_dict, validate
 from fl_core.data import ImageData
 from fl_core.threads import parallel_cells, usable_cpus
@@ -32,7 +32,7 @@ from fl_core.threads import parallel_cells, usable_cpus
 
 def grid_configs(preset: str | None, config: str | None, only: list[str], overrides: list[str]) -> list[CellConfig]:
     """The validated configs of the grid's selected cells (cpu scale)."""
-    return [c.config for c in select(expand(load_grid(resolve_grid_path(preset, config)), "cpu", tuple(overrides)), only)]
+    return [c.config for c in expand(load_grid(resolve_grid_path(preset, config)), "cpu", tuple(overrides), tuple(only))]
 
 
 def distinct(configs: list[CellConfig], *parts) -> list[CellConfig]:

@@ -186,17 +186,20 @@ def _matches(rule: dict, cell_dict: dict, labels: dict[str, str]) -> bool:
     return True
 
 
-def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = ()) -> list[Cell]:
-    """All cells of ``spec`` at ``scale``, validated (errors name the cell) and deduplicated by key."""
+def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> list[Cell]:
+    """The cells of ``spec`` at ``scale`` that match every ``only`` filter (``axis=value``: axis by its full,
+    first or last dotted name; ``axis=a|b`` matches either value), validated (errors name the cell) and
+    deduplicated by key. Cells the filters leave out are not validated: their datasets need not be here."""
     if spec.scales and scale not in spec.scales:
         raise ConfigError(f"grid {spec.name!r} has no scale {scale!r}; valid: {', '.join(spec.scales)}")
     if not spec.scales and scale != "cpu":
         raise ConfigError(f"grid {spec.name!r} defines no scales; --scale {scale} would change nothing")
+    filters = [_filter(item) for item in only]
     base = deep_merge(spec.base, spec.scales.get(scale) or {})
     names = list(spec.axes)
     combos = [dict(zip(names, values)) for values in itertools.product(*spec.axes.values())] if names else [{}]
     combos += [dict(extra) for extra in spec.include]
-    cells, seen = [], set()
+    selected, passed = [], [[] for _ in filters]  # passed[i]: labels of the cells that pass filters 0..i-1
     for combo in combos:
         data = json.loads(json.dumps(base))
         for axis, value in combo.items():
@@ -206,6 +209,18 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = ()) 
         labels = {axis: label(value) for axis, value in combo.items()}
         if any(_matches(rule, data, labels) for rule in spec.exclude):
             continue
+        for i, (key, wanted) in enumerate(filters):
+            passed[i].append(labels)
+            if not _hits(labels, key, wanted):
+                break
+        else:
+            selected.append((data, labels))
+    if not selected and filters:
+        i = next(i for i, (key, wanted) in enumerate(filters) if not any(_hits(lab, key, wanted) for lab in passed[i]))
+        axes = sorted({f"{a}={lab}" for labels in passed[i] for a, lab in labels.items()})
+        raise ConfigError(f"--only {only[i]!r} matches no cell; axis values: {', '.join(axes)}")
+    cells, seen = [], set()
+    for data, labels in selected:
         try:
             cfg = validate(from_dict(CellConfig, data))
         except ConfigError as err:
@@ -216,24 +231,17 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = ()) 
     return cells
 
 
-def select(cells: list[Cell], filters: list[str]) -> list[Cell]:
-    """Keep cells whose labels match every ``axis=value`` filter (axis by its full, first or last dotted
-    name; ``axis=a|b`` matches either value)."""
-    for item in filters:
-        if "=" not in item:
-            raise ConfigError(f"--only {item!r} must look like axis=value")
-        key, value = item.split("=", 1)
-        wanted = set(value.split("|"))
+def _filter(item: str) -> tuple[str, set[str]]:
+    """``axis=a|b`` as (axis, {a, b})."""
+    if "=" not in item:
+        raise ConfigError(f"--only {item!r} must look like axis=value")
+    key, value = item.split("=", 1)
+    return key, set(value.split("|"))
 
-        def hit(cell: Cell) -> bool:
-            return any((axis == key or axis.split(".")[-1] == key or axis.split(".")[0] == key) and lab in wanted
-                       for axis, lab in cell.labels.items())
 
-        if not any(hit(c) for c in cells):
-            axes = sorted({f"{a}={lab}" for c in cells for a, lab in c.labels.items()})
-            raise ConfigError(f"--only {item!r} matches no cell; axis values: {', '.join(axes)}")
-        cells = [c for c in cells if hit(c)]
-    return cells
+def _hits(labels: dict[str, str], key: str, wanted: set[str]) -> bool:
+    return any((axis == key or axis.split(".")[-1] == key or axis.split(".")[0] == key) and lab in wanted
+               for axis, lab in labels.items())
 
 
 # ---------------------------------------------------------------- status of a cell on disk
@@ -478,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         import_plugins(args.plugin)
         path = resolve_grid_path(args.preset, args.config)
         spec = load_grid(path)
-        cells = select(expand(spec, args.scale, tuple(overrides)), args.only)
+        cells = expand(spec, args.scale, tuple(overrides), tuple(args.only))
         out = Path(args.out or Path("runs") / f"{spec.name}-{args.scale}")
         check_budget([c.config for c in cells], args.max_hours)
         if not args.dry_run:

@@ -7,7 +7,7 @@ import yaml
 
 import attacks
 from benchmarks import grid as grid_mod
-from benchmarks.grid import GridSpec, cell_status, expand, load_grid, main, select
+from benchmarks.grid import GridSpec, cell_status, expand, load_grid, main
 from benchmarks.report import paper_tables, summary_table, write_report
 from conftest import TINY_OVERRIDES
 from fl_core.config import ConfigError, deep_merge
@@ -39,10 +39,20 @@ def test_expansion_exclude_include_labels_and_filters(tiny_root, tmp_path):
     assert {"attack": "fm(stages=fusion)", "defense.name": "none", "seed": "1"} in labels
     assert {"attack": "badnets", "seed": "5"} in labels
     assert len({c.key for c in cells}) == 4
-    assert [c.labels["seed"] for c in select(cells, ["attack=fm(stages=fusion)"])] == ["0", "1"]
-    assert len(select(cells, ["attack=fm(stages=fusion)|badnets", "seed=1|5"])) == 2
+    assert [c.labels["seed"] for c in expand(spec, only=("attack=fm(stages=fusion)",))] == ["0", "1"]
+    assert len(expand(spec, only=("attack=fm(stages=fusion)|badnets", "seed=1|5"))) == 2
     with pytest.raises(ConfigError, match="matches no cell; axis values: .*attack=none"):
-        select(cells, ["attack=nope"])
+        expand(spec, only=("attack=nope",))
+    with pytest.raises(ConfigError, match="'seed=5' matches no cell; axis values: .*seed=1"):
+        expand(spec, only=("attack=fm(stages=fusion)", "seed=5"))  # seed 5 exists, but not with fm
+
+
+def test_filters_apply_before_validation(tiny_root, tmp_path):
+    """A dataset that is not on this machine does not stop the cells that do not use it."""
+    spec = _spec(tiny_root, tmp_path, {"data.dataset": ["tiny", "not-here"], "seed": [0]})
+    with pytest.raises(ConfigError, match="not-here"):
+        expand(spec)
+    assert [c.labels["data.dataset"] for c in expand(spec, only=("dataset=tiny",))] == ["tiny"]
 
 
 def test_invalid_cells_fail_before_compute_naming_the_cell(tiny_root, tmp_path):
