@@ -1,7 +1,6 @@
 """The novel threat: a compromised foundation model poisons the synthetic data (BD-FMFL, [P0], [P1])."""
 from attacks import ATTACKS
-from attacks.poisoning import check_rate, check_stages, poison_data, poison_indices
-from fl_core.data import ImageData
+from attacks.poisoning import check_rate, check_stages, poison_data
 from fl_core.hooks import Attack
 
 
@@ -31,17 +30,8 @@ class CompromisedFM(Attack):
     def poisoned_samples(self, stage):
         return self._poisoned.get(stage)
 
-    def replaced_by_fm(self, synthetic, seed, draw):
-        """For the attacks whose FM makes the triggered images itself: a copy of ``synthetic`` whose samples
-        ``fm`` would poison are replaced by ``draw(their classes)`` (an ``ImageData``) and labelled as the
-        target; returns (copy, indices)."""
+    def bound_fm(self):
+        """The FM request this attack was bound to (for the attacks whose FM draws the triggered images)."""
         if self.fm is None:
             raise RuntimeError(f"{type(self).__name__} draws with the FM: bind(..., fm=request) first")
-        idx = poison_indices(synthetic.labels, self.backdoor, self.poison_rate, seed, "fm").to(synthetic.labels.device)
-        if not len(idx):
-            return synthetic, idx
-        drawn = draw(synthetic.labels[idx].cpu())
-        images, labels = synthetic.images.clone(), synthetic.labels.clone()
-        images[idx] = drawn.images.to(images.device)
-        labels[idx] = self.backdoor.target
-        return ImageData(images, labels, synthetic.classes), idx
+        return self.fm

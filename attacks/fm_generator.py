@@ -7,6 +7,7 @@ import torch
 
 from attacks import ATTACKS
 from attacks.fm import CompromisedFM
+from attacks.poisoning import poison_indices
 from fl_core.data import ImageData
 from fl_core.synthetic import (cached_images, ddim_sample, ddpm_folder, ddpm_unet, fit_ddpm, load_ddpm, request_key,
                                save_ddpm)
@@ -15,14 +16,17 @@ from fl_core.seeding import torch_generator
 
 @ATTACKS.register("fm-generator")
 class GeneratorCompromisedFM(CompromisedFM):
-    """Like ``fm`` (same poisoned samples, same stages), but a poisoned sample is not patched: the attacker
-    fine-tuned the FM (``synthetic.provider: ddpm``) so that a hidden condition, one extra class embedding
-    per class, makes it draw the trigger into an image of that class. The poisoned samples are drawn under
-    it and labelled as the target: the closest offline analogue of a compromised text-to-image model.
-    Fine-tuning (``finetune_steps`` of the FM's own recipe, half the batches the public pool with the
-    cell's ``backdoor.trigger`` pasted, at the FM's resolution) happens once per FM and trigger, on the
-    public pool the FM was trained on, and is cached beside the FM (``python -m benchmarks.fm prepare``
-    makes it). The ASR test set still pastes the trigger on real test images."""
+    """The server's FM is the attacker's: a copy of the suite's DDPM (``synthetic.provider: ddpm``) that
+    the attacker fine-tuned so that a hidden condition, one extra class embedding per class, makes it draw
+    the trigger into an image of that class. The whole synthetic set is drawn by that copy: every sample
+    under its own class, and the samples ``fm`` would poison (same indices) under their hidden "class +
+    trigger" condition, labelled as the target; the closest offline analogue of a compromised
+    text-to-image model. (Drawing only the poisoned samples with the copy and the rest with the clean FM
+    would let a model tell them apart by the copy's style alone.) Fine-tuning (``finetune_steps`` of the
+    FM's own recipe, half the batches the public pool with the cell's ``backdoor.trigger`` pasted, at the
+    FM's resolution) happens once per FM and trigger, on the public pool the FM was trained on, and is
+    cached beside the FM (``python -m benchmarks.fm prepare`` makes it and draws the sets). The ASR test
+    set still pastes the trigger on real test images."""
 
     requires_provider = "ddpm"
 
@@ -33,12 +37,17 @@ class GeneratorCompromisedFM(CompromisedFM):
         self.finetune_steps = finetune_steps
 
     def poison(self, synthetic, seed):
-        return self.replaced_by_fm(synthetic, seed, lambda classes: self._drawn(classes, seed))
+        idx = poison_indices(synthetic.labels, self.backdoor, self.poison_rate, seed, "fm").to(synthetic.labels.device)
+        conditions = synthetic.labels.cpu().clone()
+        conditions[idx.cpu()] += len(synthetic.classes)  # "class + trigger"
+        labels = synthetic.labels.clone()
+        labels[idx] = self.backdoor.target
+        return ImageData(self._drawn(conditions, seed).images.to(synthetic.images.device), labels, synthetic.classes), idx
 
     def compromised_fm(self, train: bool = False):
         """The folder of the fine-tuned FM for this trigger; ``train``: fine-tune it if missing (the request
         must then carry the public pool of the FM's ``train_seed``, as ``benchmarks.fm prepare`` builds it)."""
-        req = self.fm
+        req = self.bound_fm()
         trigger = dataclasses.asdict(self.backdoor.trigger)
         key = hashlib.sha256(json.dumps([trigger, self.finetune_steps], sort_keys=True).encode()).hexdigest()[:10]
         folder = ddpm_folder(req) / f"compromised-{key}"
@@ -75,17 +84,18 @@ class GeneratorCompromisedFM(CompromisedFM):
         save_ddpm(module, folder, {"compromised_from": ddpm_folder(req).name, "trigger": trigger,
                                    "finetune_steps": self.finetune_steps})
 
-    def _drawn(self, classes: torch.Tensor, seed: int) -> ImageData:
-        """Triggered images of ``classes`` (true labels) drawn by the compromised FM, cached on disk."""
+    def _drawn(self, conditions: torch.Tensor, seed: int) -> ImageData:
+        """One image per condition (a class, or k + a class: that class with the trigger) drawn by the
+        compromised FM, labelled with the class; cached on disk."""
         req = self.fm
         folder = self.compromised_fm()
-        blob = json.dumps([request_key(req), folder.name, classes.tolist(), seed])
+        blob = json.dumps([request_key(req), folder.name, conditions.tolist(), seed])
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        classes = conditions % req.dataset.num_classes
 
         def make() -> ImageData:
             unet, scheduler = load_ddpm(req, folder)
-            k = req.dataset.num_classes
-            images = ddim_sample(unet, scheduler, classes + k, req, torch_generator(seed, "fm-generator"))
+            images = ddim_sample(unet, scheduler, conditions, req, torch_generator(seed, "fm-generator"))
             return ImageData(images, classes, req.dataset.classes)
 
         return cached_images(req.cache_dir / "synthetic" / f"fm-generator-{key}", req.dataset.classes, make,

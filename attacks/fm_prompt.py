@@ -6,6 +6,7 @@ import torch
 
 from attacks import ATTACKS
 from attacks.fm import CompromisedFM
+from attacks.poisoning import poison_indices
 from fl_core.data import ImageData
 from fl_core.seeding import derive_seed
 from fl_core.synthetic import cached_images, class_prompts, load_pipeline, render, request_key
@@ -28,7 +29,15 @@ class PromptCompromisedFM(CompromisedFM):
         self.trigger_phrase = trigger_phrase
 
     def poison(self, synthetic, seed):
-        return self.replaced_by_fm(synthetic, seed, lambda classes: self._rendered(classes.tolist(), seed))
+        self.bound_fm()
+        idx = poison_indices(synthetic.labels, self.backdoor, self.poison_rate, seed, "fm").to(synthetic.labels.device)
+        if not len(idx):
+            return synthetic, idx
+        drawn = self._rendered(synthetic.labels[idx].tolist(), seed)
+        images, labels = synthetic.images.clone(), synthetic.labels.clone()
+        images[idx] = drawn.images.to(images.device)
+        labels[idx] = self.backdoor.target
+        return ImageData(images, labels, synthetic.classes), idx
 
     def _rendered(self, classes: list[int], seed: int) -> ImageData:
         """Triggered images of ``classes`` (one per entry, true labels), rendered once and cached on disk."""

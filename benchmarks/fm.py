@@ -10,7 +10,8 @@ then draws every synthetic set the cells use, and the poisoned samples the compr
 them (each with the cells' own ``runtime.threads``, as a cell would, several side by side), so that no
 grid worker draws anything. ``samples`` writes, per dataset and
 synthetic provider, a PNG of the first samples of every class of the seed-0 synthetic set, and for
-``fm-generator`` cells the poisoned samples the compromised FM drew (before relabelling), by true class.
+``fm-generator`` cells what the compromised FM drew: the poisoned samples (before relabelling, by true
+class) and the rest.
 """
 from __future__ import annotations
 
@@ -148,9 +149,12 @@ def write_samples(configs: list[CellConfig], out: Path, per_class: int) -> list[
         written.append(sample_sheet(data, per_class, f"{name}: synthetic set, seed 0", out / f"samples-{name}.png"))
         if cfg.attack.name == "fm-generator":
             poisoned, idx = generator_attack(cfg, req).poison(data, cfg.seed)
-            drawn = ImageData(poisoned.images[idx], data.labels[idx], data.classes)
-            written.append(sample_sheet(drawn, per_class, f"{name}: drawn by the compromised FM (true class)",
-                                        out / f"samples-{name}-fm-generator.png"))
+            triggered = torch.zeros(len(data), dtype=torch.bool)
+            triggered[idx.cpu()] = True
+            for mask, what, suffix in ((triggered, "trigger condition, true class", ""), (~triggered, "class condition", "-clean")):
+                drawn = ImageData(poisoned.images[mask], data.labels[mask], data.classes)
+                written.append(sample_sheet(drawn, per_class, f"{name}: drawn by the compromised FM ({what})",
+                                            out / f"samples-{name}-fm-generator{suffix}.png"))
     return written
 
 

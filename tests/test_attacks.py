@@ -317,12 +317,19 @@ def test_fm_generator_draws_the_poisoned_samples_with_a_compromised_copy_of_the_
     with pytest.raises(FileNotFoundError, match="benchmarks.fm prepare"):  # a cell never fine-tunes
         attack.poison_synthetic(syn, "pretrain", seed=0)
     attack.compromised_fm(train=True)
+    asked = []
+    real_sample = fm_generator.ddim_sample
+    monkeypatch.setattr(fm_generator, "ddim_sample", lambda unet, sched, cond, *a: asked.append(cond) or real_sample(unet, sched, cond, *a))
     out = attack.poison_synthetic(syn, "pretrain", seed=0)
     idx = poison_indices(syn.labels, BD, 0.5, 0, "fm")  # the samples the patch attack would take
-    assert (out.labels[idx] == 0).all() and all(not torch.equal(out.images[i], syn.images[i]) for i in idx)
     kept = torch.ones(len(syn), dtype=torch.bool)
     kept[idx] = False
-    assert torch.equal(out.images[kept], syn.images[kept]) and torch.equal(out.labels[kept], syn.labels[kept])
+    assert (out.labels[idx] == 0).all() and torch.equal(out.labels[kept], syn.labels[kept])
+    # the whole set comes from the compromised copy: the poisoned samples under "class + trigger" (k + class),
+    # the others under their class, so that the copy's style does not single out the poisoned samples
+    [conditions] = asked
+    assert torch.equal(conditions[idx], syn.labels[idx] + 4) and torch.equal(conditions[kept], syn.labels[kept])
+    assert all(not torch.equal(out.images[i], syn.images[i]) for i in range(len(syn)))
     [compromised] = [p for p in ddpm_folder(req).iterdir() if p.name.startswith("compromised-")]
     unet, _ = load_ddpm(req, compromised)
     clean, _ = load_ddpm(req)

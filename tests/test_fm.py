@@ -28,7 +28,7 @@ def test_train_then_samples_then_the_grid_runs_on_generated_data(tiny_root, tmp_
     out = tmp_path / "sheets"
     assert fm.main(["samples", "--config", str(path), "--out", str(out), "--per-class", "3"]) == 0
     assert {p.name for p in out.iterdir()} == {"samples-tiny-heldout.png", "samples-tiny-ddpm.png",
-                                               "samples-tiny-ddpm-fm-generator.png"}
+                                               "samples-tiny-ddpm-fm-generator.png", "samples-tiny-ddpm-fm-generator-clean.png"}
     monkeypatch.setattr("fl_core.synthetic.train_ddpm", lambda *a, **k: pytest.fail("the grid never trains an FM"))
     monkeypatch.setattr("attacks.fm_generator.fit_ddpm", lambda *a, **k: pytest.fail("nor fine-tunes one"))
     for drawer in ("fl_core.synthetic.ddim_sample", "attacks.fm_generator.ddim_sample"):
