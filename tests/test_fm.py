@@ -1,6 +1,7 @@
 """The suite's own generative FM: one command trains what a grid needs, sample sheets, cells run on it."""
 import json
 
+import pandas as pd
 import pytest
 
 from benchmarks import fm
@@ -29,6 +30,10 @@ def test_train_then_samples_then_the_grid_runs_on_generated_data(tiny_root, tmp_
     assert fm.main(["samples", "--config", str(path), "--out", str(out), "--per-class", "3"]) == 0
     assert {p.name for p in out.iterdir()} == {"samples-tiny-heldout.png", "samples-tiny-ddpm.png",
                                                "samples-tiny-ddpm-fm-generator.png", "samples-tiny-ddpm-fm-generator-clean.png"}
+    assert fm.main(["quality", "--config", str(path), "--out", str(out)]) == 0
+    scores = pd.read_csv(out / "quality.csv")  # one row per attack-free synthetic set: 2 providers x 2 seeds
+    assert sorted(zip(scores.synthetic, scores.seed)) == [("ddpm", 0), ("ddpm", 1), ("heldout", 0), ("heldout", 1)]
+    assert scores[["acc_real", "acc_at_fm_resolution"]].apply(lambda v: v.between(0, 100)).all().all()
     monkeypatch.setattr("fl_core.synthetic.train_ddpm", lambda *a, **k: pytest.fail("the grid never trains an FM"))
     monkeypatch.setattr("attacks.fm_generator.fit_ddpm", lambda *a, **k: pytest.fail("nor fine-tunes one"))
     for drawer in ("fl_core.synthetic.ddim_sample", "attacks.fm_generator.ddim_sample"):
