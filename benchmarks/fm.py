@@ -74,9 +74,7 @@ def draw_set(cell: dict) -> int:
     req = prepare(cfg).synthetic_request()
     synthetic = synthetic_set(req)[0]
     if cfg.attack.name == "fm-generator":
-        attack = generator_attack(cfg, req)
-        for stage in ("pretrain", "fusion"):
-            attack.poison_synthetic(synthetic, stage, cfg.seed)
+        generator_attack(cfg, req).poison(synthetic, cfg.seed)  # both stages use the same draws
     return len(synthetic)
 
 
@@ -148,7 +146,8 @@ def write_samples(configs: list[CellConfig], out: Path, per_class: int) -> list[
         req = prepare(cfg).synthetic_request()
         data, _ = synthetic_set(req)
         name = f"{cfg.data.dataset}-{cfg.synthetic.provider}"
-        written.append(sample_sheet(data, per_class, f"{name}: synthetic set, seed 0", out / f"samples-{name}.png"))
+        if out / f"samples-{name}.png" not in written:  # one sheet per set, however many attacks share it
+            written.append(sample_sheet(data, per_class, f"{name}: synthetic set, seed 0", out / f"samples-{name}.png"))
         if cfg.attack.name == "fm-generator":
             poisoned, idx = generator_attack(cfg, req).poison(data, cfg.seed)
             triggered = torch.zeros(len(data), dtype=torch.bool)

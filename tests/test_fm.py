@@ -27,6 +27,8 @@ def test_train_then_samples_then_the_grid_runs_on_generated_data(tiny_root, tmp_
     assert (manifest["threads"], manifest["device"]) == (1, "cpu")
     assert len(list((tmp_path / "cache" / "synthetic").glob("fm-generator-*"))) == 2  # the poisoned draws, per seed
     out = tmp_path / "sheets"
+    written = fm.write_samples(fm.grid_configs(None, str(path), [], []), out, 3)
+    assert len(written) == len(set(written)) == 4  # each sheet once, though two attacks share the ddpm set
     assert fm.main(["samples", "--config", str(path), "--out", str(out), "--per-class", "3"]) == 0
     assert {p.name for p in out.iterdir()} == {"samples-tiny-heldout.png", "samples-tiny-ddpm.png",
                                                "samples-tiny-ddpm-fm-generator.png", "samples-tiny-ddpm-fm-generator-clean.png"}
