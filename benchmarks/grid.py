@@ -10,10 +10,13 @@ a setting is recorded as not applicable. At the end the report (tables, plots) i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -364,6 +367,8 @@ def _run_process(todo, out, plugins, jobs, on_done, **_):
         except KeyboardInterrupt:
             for fut in futures:
                 fut.cancel()
+            for worker in multiprocessing.active_children():  # no cell keeps running with the code it started on
+                worker.terminate()
             raise
 
 
@@ -445,6 +450,23 @@ def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int
     return counts
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, SIGTERM (``kill``, a batch scheduler's stop) takes Ctrl-C's path: workers stopped,
+    finished cells kept, exit status 130."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a grid; carries the counts of the cells finished before it."""
 
@@ -511,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip())
     started = time.time()
     try:
-        counts = run_grid(cells, out, executor=executor, jobs=jobs, plugins=tuple(args.plugin),
-                          address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
+        with sigterm_as_interrupt():
+            counts = run_grid(cells, out, executor=executor, jobs=jobs, plugins=tuple(args.plugin), address=args.address,
+                              cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
     except Interrupted as stop:
         print(f"\ninterrupted: {stop.counts['done']} cell(s) done in this run, {stop.counts['skipped']} before; "
               "nothing half-written is kept; rerun the same command to resume", file=sys.stderr)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -327,6 +329,64 @@ def test_two_runners_on_one_folder_compute_each_cell_once(tiny_grid, tmp_path):
     assert not list(out.glob("cells/*/claim.json"))
 
 
+SLEEPY_DEFENSE = '''
+import os, time
+from defenses import DEFENSES, Defense
+
+@DEFENSES.register("test-sleepy")
+class Sleepy(Defense):
+    consumes = frozenset({"updates"})
+
+    def aggregate(self, agg, global_model, ctx):
+        open(os.environ["SLEEPY_MARKER"] + str(os.getpid()), "w").close()
+        time.sleep(600)
+        return agg
+'''
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+def test_sigterm_to_a_process_grid_stops_its_workers_and_keeps_nothing_half_done(tiny_grid, tmp_path):
+    (tmp_path / "sleepy_defense.py").write_text(SLEEPY_DEFENSE)
+    marker = tmp_path / "sleeping-"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "benchmarks.grid", "--config", str(tiny_grid), "--out", str(out), "--no-report",
+           "--jobs", "2", "--executor", "process", "--plugin", "sleepy_defense", "--set", "defense.name=test-sleepy"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{Path.cwd()}", "SLEEPY_MARKER": str(marker)}
+    grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("sleeping-*")) and time.time() < deadline and grid.poll() is None:
+        time.sleep(0.5)
+    assert list(tmp_path.glob("sleeping-*")), grid.communicate()[0]  # a worker is inside a cell
+    workers = _children(grid.pid)
+    grid.send_signal(signal.SIGTERM)  # to the runner only, not its process group
+    output = grid.communicate(timeout=60)[0]
+    assert grid.returncode == 130 and "rerun the same command to resume" in output, output
+    deadline = time.time() + 30
+    while any(_running(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert workers and not any(_running(w) for w in workers)  # no cell goes on with the code it started on
+    assert not list(out.glob("cells/*/record.json"))
+
+
 # ---------------------------------------------------------------- interrupts and the report
 
 
@@ -349,7 +409,6 @@ def test_ctrl_c_inside_lightning_stays_an_interrupt():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
     with pytest.raises(KeyboardInterrupt):
         fit(Interrupting(), loader, "cpu")
-    import signal
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again
 
 
