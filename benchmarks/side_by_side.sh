@@ -4,7 +4,7 @@
 # REF runs from a temporary git worktree with this checkout's .venv and data. Commits before the faithful
 # recipe (2c0db02) had other defaults, so REF's cells get the recipe's settings through --set: both sides
 # then compute the same cells. Every side starts from an empty cache (the dataset tensors are linked in).
-# Nothing else should run meanwhile. Parts (about 70 min on a 2-core CPU):
+# Nothing else should run meanwhile. Parts (about 100 min on a 2-core CPU):
 #   1. fusion seconds per round at the attack table's cpu-scale fusion (10,000 images, 300 steps x 64);
 #   2. the default grid's 18 FedDF cells (the grid REF had) and the defense table's FM slice (18 cells);
 #   3. a default-grid cell quiet at one thread, then beside one busy process;
