@@ -9,12 +9,17 @@ class CompromisedFM(Attack):
     """The FM's synthetic set carries the trigger on ``poison_rate`` of every non-target class (or of the
     source class, one-to-one), relabelled to the target. No client is malicious; the attacker takes no
     part in training. ``stages``: where the poisoned set is used: ``both`` (default, as [P1]),
-    ``pretrain`` only or ``fusion`` only (the [P1] ablation)."""
+    ``pretrain`` only or ``fusion`` only (the [P1] ablation). ``cover_rate`` > 0 (an adaptive attack,
+    Adaptive-Blend style): that share of the other eligible samples carries the trigger at its true label,
+    so that triggered activations are common in the set and a triggered sample is not abnormal per se."""
 
-    def __init__(self, poison_rate: float = 0.2, stages: str = "both"):
+    omit_at_default = {"cover_rate": 0.0}  # added after results were published
+
+    def __init__(self, poison_rate: float = 0.2, stages: str = "both", cover_rate: float = 0.0):
         check_rate("poison_rate", poison_rate)
+        check_rate("cover_rate", cover_rate)
         check_stages(stages)
-        self.poison_rate, self.stages = poison_rate, stages
+        self.poison_rate, self.stages, self.cover_rate = poison_rate, stages, cover_rate
         self._poisoned: dict[str, object] = {}
 
     def poison_synthetic(self, synthetic, stage, seed):
@@ -24,8 +29,13 @@ class CompromisedFM(Attack):
         return poisoned
 
     def poison(self, synthetic, seed):
-        """The poisoned copy of the synthetic set and the poisoned indices (the stage is already checked)."""
-        return poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")
+        """The poisoned copy of the synthetic set and the poisoned indices (the stage is already checked);
+        cover samples (triggered, true label) are drawn among the samples that keep an eligible label."""
+        poisoned, idx = poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")
+        if self.cover_rate > 0:
+            poisoned, _ = poison_data(poisoned, self.trigger, self.backdoor, self.cover_rate, seed, "fm-cover",
+                                      relabel=False)
+        return poisoned, idx
 
     def poisoned_samples(self, stage):
         return self._poisoned.get(stage)

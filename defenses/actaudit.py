@@ -52,20 +52,31 @@ class AuditedActivationBounds(ActivationBounds):
     "both"; constrain_teachers [False]; correct [True]: corrective distillation of flagged samples
     (False: they only leave fusion); reject_clients [True]: constrained aggregation, with client_z [10]
     the threshold on the |robust z| of the log bound divergence; target_agreement [0.98] of the bounds'
-    fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST)."""
+    fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST); kept_trim
+    [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
+    must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
+    require_flip [False]: flag only samples whose bounded prediction leaves their label."""
 
     consumes = frozenset({"synthetic", "updates"})
+    omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
+                       "require_flip": False}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
-                 target_agreement: float = 0.98, **bounds):
+                 target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
+                 require_flip: bool = False, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
         if signals not in SIGNALS:
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
+        if kept_trim is not None and not 0 <= kept_trim < 1:
+            raise ValueError(f"kept_trim must be in [0, 1) or null, got {kept_trim}")
+        if audit_passes < 1:
+            raise ValueError(f"audit_passes must be >= 1, got {audit_passes}")
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
         self.reject_clients, self.client_z = reject_clients, client_z
+        self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -121,6 +132,8 @@ class AuditedActivationBounds(ActivationBounds):
         if not scores:
             return torch.zeros(len(syn), dtype=torch.bool), {}
         flags = torch.stack(list(scores.values())).mean(0) > self.audit_z
+        if self.require_flip:  # only samples whose label the bounds overturn
+            flags &= bounded < 0
         return flags, {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
 
     def on_fusion(self, plan, global_model, ctx):
@@ -131,13 +144,14 @@ class AuditedActivationBounds(ActivationBounds):
         state = self.state_for(global_model, p, images)
         self.fit(global_model, state, images, self.steps if new else self.refine_steps, (ctx.seed, ctx.round, "audit"))
         same = [u.model for u in plan.teachers if u.prototype == p]
-        flags, summary = self.audit(global_model, p, same, ctx)
-        previous = self._flagged.get(p)
-        flags = flags | previous if previous is not None else flags
-        self._flagged[p] = flags
-        if flags.any() and self.refine_steps:  # bounds that need not preserve the flagged samples
-            self.fit(global_model, state, self.preservation_data(p, ctx.synthetic), self.refine_steps,
-                     (ctx.seed, ctx.round, "audited"))
+        for audit_pass in range(self.audit_passes):  # each pass audits with bounds freed of the last flags
+            flags, summary = self.audit(global_model, p, same, ctx)
+            previous = self._flagged.get(p)
+            flags = flags | previous if previous is not None else flags
+            self._flagged[p] = flags
+            if flags.any() and self.refine_steps:  # bounds that need not preserve the flagged samples
+                self.fit(global_model, state, self.preservation_data(p, ctx.synthetic), self.refine_steps,
+                         (ctx.seed, ctx.round, "audited", *([audit_pass] if audit_pass else [])))
         if self.correct:
             plan.label_weight = (~flags).float()
             plan.target_mask = F.one_hot(ctx.synthetic.labels.cpu(), ctx.num_classes).bool() & flags[:, None]

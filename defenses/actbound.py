@@ -156,11 +156,15 @@ class ActivationBounds(Defense):
         (step margin_lr [0.02]) per bound update towards the class's largest margin under the current
         bounds; the bounds are then also pushed to shrink the mean of those margins (relative to their
         value at the start of the fit, so the weight is scale-free).
+      retry_fresh [False]: a warm-started fit that never meets the agreement target is run again, for
+        ``steps`` steps, from fresh starting bounds of the current model (instead of keeping those).
       during_fusion [False]: bounds active on the student while the server distils.
       broadcast [False]: bounds stay active in the model sent to clients.
     """
 
     consumes = frozenset({"synthetic"})
+    omit_at_default = {"retry_fresh": False}  # added after results were published
+    kept_trim: float | None = None  # trim of the bounds the model keeps after a round (None: ``trim``)
 
     def __init__(self, sites: str | list = "all", shape: str = "channel", element_sites: int = 0,
                  lower: bool = False, init: str = "quantile", init_q: float = 0.999, init_k: float = 4.0,
@@ -169,7 +173,7 @@ class ActivationBounds(Defense):
                  trim: float = 0.25, filter: str = "none", filter_z: float = 3.5, filter_unit: str = "channel",
                  filter_fusion: bool = True, margin_weight: float = 0.0, margin_probes: int = 2,
                  margin_steps: int = 3, margin_lr: float = 0.02,
-                 during_fusion: bool = False, broadcast: bool = False):
+                 during_fusion: bool = False, broadcast: bool = False, retry_fresh: bool = False):
         checks = [(shape in SHAPES, f"shape {shape!r} unknown; valid: {', '.join(SHAPES)}"),
                   (init in INITS, f"init {init!r} unknown; valid: {', '.join(INITS)}"),
                   (objective in ("kl", "mse"), f"objective {objective!r} unknown; valid: kl, mse"),
@@ -193,7 +197,7 @@ class ActivationBounds(Defense):
         self.filter, self.filter_z, self.filter_unit, self.filter_fusion = filter, filter_z, filter_unit, filter_fusion
         self.margin_weight, self.margin_probes, self.margin_steps, self.margin_lr = (
             margin_weight, margin_probes, margin_steps, margin_lr)
-        self.during_fusion, self.broadcast = during_fusion, broadcast
+        self.during_fusion, self.broadcast, self.retry_fresh = during_fusion, broadcast, retry_fresh
         self._states: dict[int, BoundState] = {}
         self._flagged: dict[int, torch.Tensor] = {}
         self._log: list[dict] = []
@@ -253,11 +257,14 @@ class ActivationBounds(Defense):
         flagged = self._flagged.get(prototype)
         return synthetic.images if flagged is None else synthetic.images[~flagged.to(synthetic.images.device)]
 
-    def fit(self, model: nn.Module, state: BoundState, images: torch.Tensor, steps: int, key: tuple) -> dict:
-        """Adam on log-scale bounds: preservation (+ trimming) + lam * mean(upper / init); lam adapts to the
-        agreement target, and the last bounds that met it on a batch are kept (if none did, fresh starting
-        bounds of this model: ``fallback``). Returns the agreement on (up to 2,000 of) the preservation
-        samples, lam, the normalised bound size and whether it fell back."""
+    def fit(self, model: nn.Module, state: BoundState, images: torch.Tensor, steps: int, key: tuple,
+            trim: float | None = None) -> dict:
+        """Adam on log-scale bounds: preservation (+ trimming, ``trim`` or the defense's own) + lam *
+        mean(upper / init); lam adapts to the agreement target (measured on the preserved share of each
+        batch), and the last bounds that met it on a batch are kept (if none did, fresh starting bounds of
+        this model: ``fallback``; with ``retry_fresh``, a full fit from them follows). Returns the agreement on (up to 2,000 of) the preservation samples, lam,
+        the normalised bound size and whether it fell back."""
+        trim = self.trim if trim is None else trim
         was_training = model.training
         model.eval()
         grads = [p.requires_grad for p in model.parameters()]
@@ -287,8 +294,8 @@ class ActivationBounds(Defense):
             else:
                 per_sample = (out - ref).pow(2).mean(-1)
             keep = torch.ones_like(per_sample, dtype=torch.bool)
-            if self.trim > 0:
-                k = max(1, int(round((1 - self.trim) * len(per_sample))))
+            if trim > 0:
+                k = max(1, int(round((1 - trim) * len(per_sample))))
                 keep = torch.zeros_like(keep)
                 keep[per_sample.topk(k, largest=False).indices] = True
             penalty = torch.stack([state.theta[s].exp().mean() for s in state.theta]).mean()
@@ -323,7 +330,12 @@ class ActivationBounds(Defense):
         for p, g in zip(model.parameters(), grads):
             p.requires_grad_(g)
         model.train(was_training)
-        return {"agreement": agreement, "lam": state.lam, "penalty": penalty, "fallback": float(fallback)}
+        info = {"agreement": agreement, "lam": state.lam, "penalty": penalty, "fallback": float(fallback)}
+        if fallback and self.retry_fresh and key[-1] != "fresh":  # fit again, from the fresh bounds
+            state.lam = 1.0
+            retry = self.fit(model, state, images, self.steps, (*key, "fresh"), trim)
+            info = {**retry, "fallback": 1.0, "fresh_fallback": retry["fallback"]}
+        return info
 
     # ------------------------------------------------------------ hooks
 
@@ -359,7 +371,7 @@ class ActivationBounds(Defense):
         first = prototype not in self._states
         state = self.state_for(global_model, prototype, images)
         steps = self.steps if first else self.refine_steps
-        info = self.fit(global_model, state, images, steps, (ctx.seed, ctx.round)) if steps else {}
+        info = self.fit(global_model, state, images, steps, (ctx.seed, ctx.round), self.kept_trim) if steps else {}
         flagged = self._flagged.get(prototype)
         self._log.append({"round": ctx.round, "prototype": prototype, "steps": steps,
                           "flagged": int(flagged.sum()) if flagged is not None else 0, **info})

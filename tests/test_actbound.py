@@ -179,6 +179,20 @@ def test_a_fit_that_never_meets_the_target_falls_back_to_fresh_bounds():
     defense.detach()
 
 
+def test_a_failed_warm_start_with_retry_fresh_fits_again_from_fresh_bounds():
+    model, syn = toy_backdoored_model(), toy_data()
+    defense = DEFENSES.get("actbound")(steps=50, refine_steps=1, lr=0.1, trim=0.0, retry_fresh=True)
+    defense.after_round(model, 0, _ctx(syn))
+    state = defense._states[0]
+    for theta in state.theta.values():
+        theta.fill_(-20.0)
+    fresh = defense.initial_bounds(copy.deepcopy(model), syn.images)[0]["net.1"]
+    info = defense.fit(model, state, syn.images, 1, (0, 2))
+    assert info["fallback"] == 1.0 and info["fresh_fallback"] == 0.0 and info["agreement"] >= 0.95
+    assert (state.upper("net.1") < fresh).any()  # fitted down from the fresh bounds, not left at them
+    defense.detach()
+
+
 def test_class_margins_and_the_margin_term_suppress_the_backdoor_signature():
     from defenses.actbound import class_margins, max_margin_inputs
     logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
@@ -251,3 +265,54 @@ def test_constrained_aggregation_rejects_a_client_with_an_abnormal_bound_diverge
     assert [u.client_id for u in agg.updates] == [0, 1, 2, 3]
     divergence = ctx.decisions["bound_divergence"]
     assert divergence[4] < 1e-3 < min(divergence[i] for i in range(4))
+
+
+def _poisoned_toy_set():
+    clean, poisoned = toy_data(270), toy_data(30, seed=3, trigger=True)
+    return clean, ImageData(torch.cat([clean.images, poisoned.images]),
+                            torch.cat([clean.labels, torch.zeros(30).long()]), clean.classes)
+
+
+def _audited_round(model, syn, **params):
+    from fl_core.hooks import ClientUpdate
+
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, **params)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    teachers = [ClientUpdate(i, 0, 10, copy.deepcopy(model)) for i in range(3)]
+    defense.on_fusion(FusionPlan(0, teachers, torch.ones(3), torch.ones(len(syn), dtype=torch.bool)), model, ctx)
+    flagged = defense._flagged[0].clone()
+    defense.after_round(model, 0, ctx)
+    return defense, flagged
+
+
+def test_kept_bounds_fitted_untrimmed_on_the_audited_set_keep_clean_predictions():
+    clean, syn = _poisoned_toy_set()
+    trimmed, untrimmed = toy_backdoored_model(), toy_backdoored_model()
+    _audited_round(trimmed, syn)  # kept bounds trimmed like the audit's: free to break a quarter of a batch
+    _, flagged = _audited_round(untrimmed, syn, kept_trim=0.0)
+    assert flagged[270:].all() and not flagged[:270].any()
+    assert _agreement(trimmed, toy_backdoored_model(), clean) < 0.9
+    assert _agreement(untrimmed, toy_backdoored_model(), clean) >= 0.95 and _asr(untrimmed) < 0.1
+
+
+def test_more_audit_passes_only_add_flags():
+    _, syn = _poisoned_toy_set()
+    _, once = _audited_round(toy_backdoored_model(), syn, refine_steps=100)
+    _, twice = _audited_round(toy_backdoored_model(), syn, refine_steps=100, audit_passes=2)
+    assert once[270:].all() and torch.equal(twice & once, once)
+
+
+def test_a_flip_only_audit_keeps_samples_whose_bounded_prediction_keeps_the_label():
+    model, (_, syn) = toy_backdoored_model(), _poisoned_toy_set()
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    flags, _ = defense.audit(model, 0, [], ctx)
+    defense.require_flip = True
+    flipped, _ = defense.audit(model, 0, [], ctx)
+    state = defense._states[0]
+    state.enabled = True
+    keeps_label = predict(model, syn.images, 100, torch.device("cpu")) == syn.labels
+    state.enabled = False
+    assert flags.sum() >= 30 and torch.equal(flipped, flags & ~keeps_label)

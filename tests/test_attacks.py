@@ -59,6 +59,22 @@ def test_fm_attack_poisons_only_the_chosen_stages():
     assert _make("fm").malicious_clients(10, 0) == []
 
 
+def test_fm_cover_samples_carry_the_trigger_at_their_true_label():
+    syn = _data()
+    attack = _make("fm", cover_rate=0.5)
+    out = attack.poison_synthetic(syn, "fusion", seed=0)
+    poisoned = attack.poisoned_samples("fusion")
+    stamped = (out.images[:, :, -2:, -2:] == 255).flatten(1).all(1)
+    cover = stamped.clone()
+    cover[poisoned] = False
+    # half of what each non-target class has left after poisoning (16, 24, 32), at their own labels
+    assert torch.bincount(syn.labels[cover], minlength=4).tolist() == [0, 8, 12, 16]
+    assert torch.equal(out.labels[cover], syn.labels[cover]) and (out.labels[poisoned] == 0).all()
+    assert torch.equal(poisoned, poison_indices(syn.labels, BD, 0.2, 0, "fm"))  # the poison itself is unchanged
+    with pytest.raises(ValueError, match="cover_rate must be in"):
+        _make("fm", cover_rate=2.0)
+
+
 def test_enhanced_adds_correctly_labelled_triggered_copies():
     syn = _data()
     out = _make("enhanced", synthetic_rate=0.5).poison_synthetic(syn, "fusion", seed=0)
