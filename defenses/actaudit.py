@@ -150,8 +150,9 @@ class AuditedActivationBounds(ActivationBounds):
             flags = flags | previous if previous is not None else flags
             self._flagged[p] = flags
             if flags.any() and self.refine_steps:  # bounds that need not preserve the flagged samples
+                later = [audit_pass] if audit_pass else []  # the first pass keeps the one-pass random stream
                 self.fit(global_model, state, self.preservation_data(p, ctx.synthetic), self.refine_steps,
-                         (ctx.seed, ctx.round, "audited", *([audit_pass] if audit_pass else [])))
+                         (ctx.seed, ctx.round, "audited", *later))
         if self.correct:
             plan.label_weight = (~flags).float()
             plan.target_mask = F.one_hot(ctx.synthetic.labels.cpu(), ctx.num_classes).bool() & flags[:, None]

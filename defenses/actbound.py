@@ -259,11 +259,10 @@ class ActivationBounds(Defense):
 
     def fit(self, model: nn.Module, state: BoundState, images: torch.Tensor, steps: int, key: tuple,
             trim: float | None = None) -> dict:
-        """Adam on log-scale bounds: preservation (+ trimming, ``trim`` or the defense's own) + lam *
-        mean(upper / init); lam adapts to the agreement target (measured on the preserved share of each
-        batch), and the last bounds that met it on a batch are kept (if none did, fresh starting bounds of
-        this model: ``fallback``; with ``retry_fresh``, a full fit from them follows). Returns the agreement on (up to 2,000 of) the preservation samples, lam,
-        the normalised bound size and whether it fell back."""
+        """Fit the bounds to preserve the unbounded model's outputs on ``images`` (``descend``; with
+        ``retry_fresh``, a descent that never met the target is followed by a full one from fresh starting
+        bounds). Returns the agreement on (up to 2,000 of) the preservation samples, lam, the normalised
+        bound size and whether it fell back (and, after a retry, whether that fell back too)."""
         trim = self.trim if trim is None else trim
         was_training = model.training
         model.eval()
@@ -273,6 +272,30 @@ class ActivationBounds(Defense):
         state.enabled = False
         with torch.no_grad():
             reference = torch.cat([model(to_float(images[i: i + 500].to(device))) for i in range(0, len(images), 500)])
+        fallback = self.descend(model, state, images, reference, steps, key, trim)
+        retried = {}
+        if fallback and self.retry_fresh:  # fit again, from the fresh bounds the descent fell back to
+            state.lam = 1.0
+            retried["fresh_fallback"] = float(self.descend(model, state, images, reference, self.steps,
+                                                           (*key, "fresh"), trim))
+        with torch.no_grad():
+            probe = images[:2000]
+            bounded = torch.cat([model(to_float(probe[i: i + 500].to(device))).argmax(-1)
+                                 for i in range(0, len(probe), 500)])
+            agreement = float((bounded == reference[: len(probe)].argmax(-1)).float().mean())
+            penalty = float(torch.stack([t.exp().mean() for t in state.theta.values()]).mean())
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.train(was_training)
+        return {"agreement": agreement, "lam": state.lam, "penalty": penalty, "fallback": float(fallback), **retried}
+
+    def descend(self, model: nn.Module, state: BoundState, images: torch.Tensor, reference: torch.Tensor,
+                steps: int, key: tuple, trim: float) -> bool:
+        """Adam on log-scale bounds: preservation (+ trimming) + lam * mean(upper / init); lam adapts to the
+        agreement target (measured on the preserved share of each batch), and the last bounds that met it
+        on a batch are kept; if none did, fresh starting bounds of this model (returns True: fell back).
+        Leaves the bounds enabled."""
+        device = reference.device
         thetas = [state.theta[s].requires_grad_(True) for s in state.theta]
         opt = torch.optim.Adam(thetas, lr=self.lr)
         gen = torch_generator(key[0], "actbound", *key[1:])
@@ -322,20 +345,7 @@ class ActivationBounds(Defense):
             for site, t in state.theta.items():
                 t.requires_grad_(False)
                 t.copy_(feasible[site])
-            probe = images[:2000]
-            bounded = torch.cat([model(to_float(probe[i: i + 500].to(device))).argmax(-1)
-                                 for i in range(0, len(probe), 500)])
-            agreement = float((bounded == reference[: len(probe)].argmax(-1)).float().mean())
-            penalty = float(torch.stack([t.exp().mean() for t in state.theta.values()]).mean())
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        model.train(was_training)
-        info = {"agreement": agreement, "lam": state.lam, "penalty": penalty, "fallback": float(fallback)}
-        if fallback and self.retry_fresh and key[-1] != "fresh":  # fit again, from the fresh bounds
-            state.lam = 1.0
-            retry = self.fit(model, state, images, self.steps, (*key, "fresh"), trim)
-            info = {**retry, "fallback": 1.0, "fresh_fallback": retry["fallback"]}
-        return info
+        return fallback
 
     # ------------------------------------------------------------ hooks
 
