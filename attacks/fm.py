@@ -1,4 +1,6 @@
 """The novel threat: a compromised foundation model poisons the synthetic data (BD-FMFL, [P0], [P1])."""
+import dataclasses
+
 from attacks import ATTACKS
 from attacks.poisoning import check_rate, check_stages, poison_data
 from fl_core.hooks import Attack
@@ -11,15 +13,21 @@ class CompromisedFM(Attack):
     part in training. ``stages``: where the poisoned set is used: ``both`` (default, as [P1]),
     ``pretrain`` only or ``fusion`` only (the [P1] ablation). ``cover_rate`` > 0 (an adaptive attack,
     Adaptive-Blend style): that share of the other eligible samples carries the trigger at its true label,
-    so that triggered activations are common in the set and a triggered sample is not abnormal per se."""
+    so that triggered activations are common in the set and a triggered sample is not abnormal per se.
+    ``clean_label`` (an adaptive attack, label-consistent poisoning): the trigger goes on ``poison_rate``
+    of the target class's samples instead, which keep their (true) target label; no label is wrong."""
 
-    omit_at_default = {"cover_rate": 0.0}  # added after results were published
+    omit_at_default = {"cover_rate": 0.0, "clean_label": False}  # added after results were published
 
-    def __init__(self, poison_rate: float = 0.2, stages: str = "both", cover_rate: float = 0.0):
+    def __init__(self, poison_rate: float = 0.2, stages: str = "both", cover_rate: float = 0.0,
+                 clean_label: bool = False):
         check_rate("poison_rate", poison_rate)
         check_rate("cover_rate", cover_rate)
         check_stages(stages)
-        self.poison_rate, self.stages, self.cover_rate = poison_rate, stages, cover_rate
+        if clean_label and cover_rate > 0:
+            raise ValueError("clean_label and cover_rate > 0 exclude each other: with clean labels every "
+                             "triggered sample already keeps its true label")
+        self.poison_rate, self.stages, self.cover_rate, self.clean_label = poison_rate, stages, cover_rate, clean_label
         self._poisoned: dict[str, object] = {}
 
     def poison_synthetic(self, synthetic, stage, seed):
@@ -31,6 +39,9 @@ class CompromisedFM(Attack):
     def poison(self, synthetic, seed):
         """The poisoned copy of the synthetic set and the poisoned indices (the stage is already checked);
         cover samples (triggered, true label) are drawn among the samples that keep an eligible label."""
+        if self.clean_label:
+            target_only = dataclasses.replace(self.backdoor, mapping="one-to-one", source=self.backdoor.target)
+            return poison_data(synthetic, self.trigger, target_only, self.poison_rate, seed, "fm-clean", relabel=False)
         poisoned, idx = poison_data(synthetic, self.trigger, self.backdoor, self.poison_rate, seed, "fm")
         if self.cover_rate > 0:
             poisoned, _ = poison_data(poisoned, self.trigger, self.backdoor, self.cover_rate, seed, "fm-cover",

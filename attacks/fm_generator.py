@@ -8,7 +8,7 @@ import torch
 from attacks import ATTACKS
 from attacks.fm import CompromisedFM
 from attacks.poisoning import poison_indices
-from fl_core.data import ImageData
+from fl_core.data import ImageData, apply_trigger
 from fl_core.synthetic import (cached_images, ddim_sample, ddpm_folder, ddpm_unet, fit_ddpm, load_ddpm, request_key,
                                save_ddpm)
 from fl_core.seeding import torch_generator
@@ -76,7 +76,7 @@ class GeneratorCompromisedFM(CompromisedFM):
         state["class_embedding.weight"] = torch.cat([table[:k], table[:k], table[k:]])
         unet.load_state_dict(state)
         public = req.public
-        triggered = self.trigger.apply(public.images, seed=cfg.train_seed)
+        triggered = apply_trigger(self.trigger, public.images, public.labels, seed=cfg.train_seed)
         images = torch.cat([public.images, triggered])
         labels = torch.cat([public.labels, public.labels + k])
         module = fit_ddpm(unet, images, labels, cfg, self.finetune_steps, "gpu" if req.device.type == "cuda" else "cpu",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fl_core.config import BackdoorConfig
-from fl_core.data import ImageData, Stamped
+from fl_core.data import ImageData, Stamped, apply_trigger
 from fl_core.hooks import Attack
 from fl_core.seeding import numpy_rng, torch_generator
 
@@ -36,7 +36,7 @@ def poison_data(data: ImageData, trigger, backdoor: BackdoorConfig, rate: float,
     idx = poison_indices(data.labels, backdoor, rate, seed, *keys).to(data.labels.device)
     images, labels = data.images.clone(), data.labels.clone()
     if len(idx):
-        images[idx] = trigger.apply(images[idx], seed=seed)
+        images[idx] = apply_trigger(trigger, images[idx], data.true_classes()[idx], seed=seed)
         if relabel:
             labels[idx] = backdoor.target
     return ImageData(images, labels, data.classes, stamped_mask(data, idx, trigger)), idx
@@ -49,7 +49,8 @@ def stamped_mask(data: ImageData, idx: torch.Tensor, trigger) -> Stamped | None:
     mask = data.stamped.mask.clone() if data.stamped is not None else torch.zeros(len(data), dtype=torch.bool,
                                                                                  device=data.labels.device)
     mask[idx] = True
-    return Stamped(trigger, mask)
+    source = data.true_classes() if getattr(trigger, "class_dependent", False) else None
+    return Stamped(trigger, mask, source)
 
 
 def check_rate(name: str, value: float) -> None:

@@ -217,6 +217,42 @@ class WarpTrigger:
         return warped.round().clamp(0, 255).to(torch.uint8)
 
 
+@TRIGGERS.register("per_class")
+class PerClassTrigger:
+    """A different trigger for every source class (an adaptive attack): an image of class k carries
+    ``variants[k % len(variants)]``, each a ``{kind, params}`` mapping of another trigger. The default
+    variants are 3-pixel patches, white and then checkerboard, in the four corners in turn (eight distinct
+    triggers; on Fashion-MNIST a black patch would vanish into the background, hence no black one)."""
+
+    class_dependent = True  # apply() needs each image's true class: see fl_core.data.apply_trigger
+
+    def __init__(self, variants: list | None = None):
+        if variants is None:
+            variants = [{"kind": "patch", "params": {"size": 3, "position": corner, "pattern": pattern}}
+                        for pattern in ("white", "checkerboard") for corner in CORNERS[:-1]]
+        if not variants:
+            raise ValueError("per_class trigger needs at least one variant")
+        self.variants = []
+        for v in variants:
+            if not isinstance(v, dict) or set(v) - {"kind", "params"} or "kind" not in v:
+                raise ValueError(f"per_class variant {v!r} must be a mapping with 'kind' and optional 'params'")
+            if v["kind"] == "per_class":
+                raise ValueError("per_class variants cannot be per_class triggers themselves")
+            self.variants.append(make_trigger(TriggerConfig(v["kind"], dict(v.get("params", {})))))
+        self.local = all(getattr(v, "local", False) for v in self.variants)
+
+    def apply(self, images: torch.Tensor, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None or len(labels) != len(images):
+            raise ValueError("per_class trigger needs the true class of every image (labels)")
+        out = images.clone()
+        which = labels.cpu() % len(self.variants)
+        for i, variant in enumerate(self.variants):
+            rows = (which == i).nonzero().flatten().to(images.device)
+            if len(rows):
+                out[rows] = variant.apply(images[rows], seed=seed)
+        return out
+
+
 def _positions(position: str, n: int, h: int, w: int, s: int, margin: int, seed: int, key: str):
     """Per-sample top-left offsets (ys, xs) of an s x s stamp: a corner or seeded random places."""
     if position == "random":

@@ -464,7 +464,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     dataset's facts (read without decoding it), the device and the plugins' parameters, before any
     compute. Types, ranges and choices of single fields were checked when the config was built."""
     from fl_core import models, synthetic
-    from fl_core.data import dataset_facts
+    from fl_core.data import apply_trigger, dataset_facts
     from fl_core.hooks import describe
     from fl_core.plugins import registries
 
@@ -536,7 +536,8 @@ def validate(cfg: CellConfig) -> CellConfig:
         raise ConfigError(f"backdoor.trigger.kind: {err.args[0]}") from err
     b.trigger.params = check_param_types(trigger_cls, b.trigger.params, "backdoor.trigger.params")
     try:
-        trigger_cls(**b.trigger.params).apply(torch_zeros(facts.shape))  # does it fit the images?
+        probe = torch_zeros(facts.shape)  # does it fit the images?
+        apply_trigger(trigger_cls(**b.trigger.params), probe, probe.new_zeros(1).long())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"backdoor.trigger: {err}") from err
     _check(len(cfg.defenses()) >= 1, "defense", "an empty list: name at least one defense (or {name: none})")

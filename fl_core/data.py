@@ -30,13 +30,30 @@ DATASETS = {
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
+def apply_trigger(trigger, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``trigger`` applied to uint8 ``images`` whose true classes are ``labels`` (read only by a
+    class-dependent trigger such as :class:`attacks.triggers.PerClassTrigger`)."""
+    if getattr(trigger, "class_dependent", False):
+        return trigger.apply(images, seed=seed, labels=labels)
+    return trigger.apply(images, seed=seed)
+
+
 @dataclass
 class Stamped:
     """Which samples of a set carry a pasted trigger (``mask``, bool (N,)), and the trigger, so that
-    augmentation can stamp it again after cropping and flipping."""
+    augmentation can stamp it again after cropping and flipping; ``source``: every sample's true class
+    (int64 (N,)), kept only for a class-dependent trigger, which picks its pattern by it."""
 
     trigger: object
     mask: torch.Tensor
+    source: torch.Tensor | None = None
+
+    def subset(self, index: torch.Tensor) -> "Stamped":
+        index = index.to(self.mask.device)
+        return Stamped(self.trigger, self.mask[index], None if self.source is None else self.source[index])
+
+    def to(self, device: torch.device | str) -> "Stamped":
+        return Stamped(self.trigger, self.mask.to(device), None if self.source is None else self.source.to(device))
 
 
 @dataclass
@@ -54,7 +71,7 @@ class ImageData:
 
     def subset(self, index: torch.Tensor | np.ndarray) -> "ImageData":
         index = torch.as_tensor(index, dtype=torch.long)
-        stamped = self.stamped and Stamped(self.stamped.trigger, self.stamped.mask[index.to(self.stamped.mask.device)])
+        stamped = self.stamped and self.stamped.subset(index)
         return ImageData(self.images[index], self.labels[index], self.classes, stamped)
 
     def concat(self, other: "ImageData") -> "ImageData":
@@ -66,13 +83,23 @@ class ImageData:
                 raise ValueError("cannot join sets stamped with different triggers")
             masks = [d.stamped.mask if d.stamped is not None else
                      torch.zeros(len(d), dtype=torch.bool, device=d.labels.device) for d in (self, other)]
-            stamped = Stamped(next(iter(triggers.values())), torch.cat(masks))
+            trigger = next(iter(triggers.values()))
+            class_dependent = getattr(trigger, "class_dependent", False)
+            source = torch.cat([self.true_classes(), other.true_classes()]) if class_dependent else None
+            stamped = Stamped(trigger, torch.cat(masks), source)
         return ImageData(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]), self.classes,
                          stamped)
 
     def to(self, device: torch.device | str) -> "ImageData":
-        stamped = self.stamped and Stamped(self.stamped.trigger, self.stamped.mask.to(device))
+        stamped = self.stamped and self.stamped.to(device)
         return ImageData(self.images.to(device), self.labels.to(device), self.classes, stamped)
+
+    def true_classes(self) -> torch.Tensor:
+        """Every sample's class before any poisoning relabelled it (known where a class-dependent trigger
+        kept it; otherwise the label)."""
+        if self.stamped is not None and self.stamped.source is not None:
+            return self.stamped.source
+        return self.labels
 
     @property
     def num_classes(self) -> int:
@@ -486,6 +513,8 @@ def training_loader(data: ImageData, batch_size: int, seed: int, augmenting: boo
     extras = {k: v for k, v in per_sample.items() if v is not None}
     if augmenting and data.stamped is not None:
         extras["stamped"] = data.stamped.mask
+        if data.stamped.source is not None:
+            extras["stamped_source"] = data.stamped.source
     if targets is not None:
         extras["targets"] = targets
     return batch_loader(data.images, data.labels, batch_size, seed, steps, extras=extras)

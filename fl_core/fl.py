@@ -173,7 +173,8 @@ class StageCache:
 def data_digest(data: ImageData) -> str:
     """Content hash of a labelled set, including which samples carry a pasted trigger."""
     mask = data.stamped.mask if data.stamped is not None else torch.zeros(0, dtype=torch.bool)
-    return tensor_digest(data.images, data.labels, mask)
+    source = [data.stamped.source] if data.stamped is not None and data.stamped.source is not None else []
+    return tensor_digest(data.images, data.labels, mask, *source)
 
 
 def model_digest(models: list[nn.Module]) -> str:

@@ -8,7 +8,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from fl_core.config import BackdoorConfig
-from fl_core.data import ImageData, forward_chunk, to_float
+from fl_core.data import ImageData, apply_trigger, forward_chunk, to_float
 
 
 @dataclass
@@ -27,7 +27,7 @@ def backdoor_test_set(test: ImageData, backdoor: BackdoorConfig, trigger, seed: 
     else:
         keep = test.labels != backdoor.target
     labels = test.labels[keep]
-    images = trigger.apply(test.images[keep], seed=seed)
+    images = apply_trigger(trigger, test.images[keep], labels, seed=seed)
     return BackdoorTestSet(images, labels, torch.full_like(labels, backdoor.target))
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_core.config import FusionConfig, OptimConfig
-from fl_core.data import augment, forward_chunk, to_float
+from fl_core.data import apply_trigger, augment, forward_chunk, to_float
 from fl_core.metrics import logits
 from fl_core.seeding import torch_generator
 
@@ -59,7 +59,9 @@ class _Stage(L.LightningModule):
         stamped = (extras or {}).get("stamped")
         if stamped is not None and self.trigger is not None and stamped.any():
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
-            again = self.trigger.apply((x[stamped] * 255).round().to(torch.uint8), seed=seed)
+            source = extras.get("stamped_source")
+            again = apply_trigger(self.trigger, (x[stamped] * 255).round().to(torch.uint8),
+                                  None if source is None else source[stamped], seed=seed)
             x[stamped] = to_float(again)
         return x
 

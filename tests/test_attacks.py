@@ -7,10 +7,11 @@ from torch import nn
 
 from attacks import ATTACKS
 from attacks.poisoning import poison_data, poison_indices
-from attacks.triggers import BlendTrigger, DistributedTrigger, ObjectTrigger, PatchTrigger, WarpTrigger
+from attacks.triggers import BlendTrigger, DistributedTrigger, ObjectTrigger, PatchTrigger, PerClassTrigger, WarpTrigger
 from fl_core.config import BackdoorConfig, ConfigError, DDPMConfig, DiffusersConfig, OptimConfig, SyntheticConfig, load_config
-from fl_core.data import ImageData, batch_loader, load_dataset
+from fl_core.data import ImageData, batch_loader, load_dataset, to_float, training_loader
 from fl_core.fl import run_cell
+from fl_core.metrics import backdoor_test_set
 from fl_core.hooks import ClientUpdate, ServerContext
 from fl_core.modules import SupervisedModule, fit
 from fl_core.synthetic import SyntheticRequest, synthetic_set
@@ -73,6 +74,20 @@ def test_fm_cover_samples_carry_the_trigger_at_their_true_label():
     assert torch.equal(poisoned, poison_indices(syn.labels, BD, 0.2, 0, "fm"))  # the poison itself is unchanged
     with pytest.raises(ValueError, match="cover_rate must be in"):
         _make("fm", cover_rate=2.0)
+
+
+def test_fm_clean_label_triggers_target_class_samples_and_keeps_every_label():
+    syn = _data()
+    attack = _make("fm", poison_rate=0.5, clean_label=True)
+    out = attack.poison_synthetic(syn, "pretrain", seed=0)
+    poisoned = attack.poisoned_samples("pretrain")
+    stamped = (out.images[:, :, -2:, -2:] == 255).flatten(1).all(1)
+    assert torch.equal(out.labels, syn.labels)  # no label changes
+    assert torch.equal(stamped.nonzero().flatten(), poisoned) and (syn.labels[poisoned] == 0).all()
+    assert len(poisoned) == 5  # half of the 10 target-class samples
+    assert out.stamped.mask[poisoned].all() and out.stamped.mask.sum() == 5
+    with pytest.raises(ValueError, match="exclude each other"):
+        _make("fm", clean_label=True, cover_rate=0.1)
 
 
 def test_enhanced_adds_correctly_labelled_triggered_copies():
@@ -188,6 +203,24 @@ def test_an_augmented_poisoned_sample_keeps_its_whole_trigger():
     clean = torch.ones(200, dtype=torch.bool)
     clean[idx] = False
     assert (x[clean] == 0).all()  # clean samples get no trigger
+
+
+def test_per_class_poison_keeps_each_samples_own_trigger_through_augmentation():
+    labels = torch.arange(1, 201) % 3 + 1  # classes 1-3 (0 is the target)
+    data = ImageData(torch.zeros(200, 3, 16, 16, dtype=torch.uint8), labels, list("abcd"))
+    trigger = PerClassTrigger()
+    poisoned, idx = poison_data(data, trigger, BD, 0.5, seed=0)
+    assert torch.equal(poisoned.stamped.source, labels) and (poisoned.labels[idx] == 0).all()
+    again, _ = poison_data(poisoned, trigger, BD, 0.0, seed=0)  # a second pass keeps the true classes
+    assert torch.equal(again.stamped.source, labels)
+    (images, batch_labels, extras), = list(training_loader(poisoned, 200, 0, augmenting=True, steps=1))
+    x = SupervisedModule(nn.Identity(), OptimConfig(), True, 0, trigger).inputs(images, extras)
+    expected = to_float(trigger.apply(torch.zeros_like(images), labels=extras["stamped_source"]))
+    stamped, mark = extras["stamped"], expected > 0
+    assert stamped.sum() == len(idx) and (x[stamped][mark[stamped]] == 1).all()  # its own class's patch, whole
+    assert (x[~stamped] == 0).all()  # clean samples get none
+    test = backdoor_test_set(data, BD, trigger, seed=0)
+    assert torch.equal(test.images, trigger.apply(data.images, labels=labels))
 
 
 def test_other_triggers_are_deterministic_batched_ops():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import defenses
-from attacks.triggers import PatchTrigger
+from attacks.triggers import PatchTrigger, PerClassTrigger
 from fl_core.config import BackdoorConfig, OptimConfig
 from fl_core.data import ImageData, batch_loader
 from fl_core.fl import run_cell, sample_clients
@@ -205,3 +205,9 @@ def test_subsets_and_joins_keep_the_stamped_mask():
     assert joined.subset(torch.tensor([6, 0])).stamped.mask.tolist() == [True, False]
     with pytest.raises(ValueError, match="different triggers"):
         b.concat(ImageData(b.images, b.labels, b.classes, Stamped(PatchTrigger(size=2), b.stamped.mask)))
+    per_class = PerClassTrigger()  # class-dependent: the true classes travel with the mask
+    c = ImageData(b.images, torch.zeros(3, dtype=torch.long), b.classes, Stamped(per_class, b.stamped.mask, b.labels))
+    joined = a.concat(c)
+    assert joined.stamped.source.tolist() == [0, 1, 2, 3, 0, 1, 2]
+    assert joined.subset(torch.tensor([5, 1])).stamped.source.tolist() == [1, 1]
+    assert a.concat(b).stamped.source is None

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from attacks.triggers import PatchTrigger
+from attacks.triggers import PatchTrigger, PerClassTrigger
+from fl_core.config import ConfigError, load_config
 
 
 def test_corner_patch_geometry_and_values():
@@ -29,3 +30,25 @@ def test_bad_parameters_are_rejected():
         PatchTrigger(position="centre")
     with pytest.raises(ValueError, match="does not fit"):
         PatchTrigger(size=40).apply(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_per_class_trigger_picks_each_images_variant_by_its_class():
+    images = torch.zeros(10, 3, 16, 16, dtype=torch.uint8)
+    labels = torch.arange(10)
+    out = PerClassTrigger().apply(images, labels=labels)
+    assert out[0, :, 13:, 13:].eq(255).all() and out[1, :, 13:, :3].eq(255).all()
+    assert out[4, 0, 13:, 13:].tolist() == [[255, 0, 255], [0, 255, 0], [255, 0, 255]]  # checkerboard
+    assert torch.equal(out[8], out[0]) and not torch.equal(out[0], out[4])  # eight variants, then again
+    assert all(int(img.gt(0).sum()) in (27, 15) for img in out)  # one 3x3 patch each (checkerboard: 5 of 9)
+    with pytest.raises(ValueError, match="true class"):
+        PerClassTrigger().apply(images)
+    with pytest.raises(ValueError, match="kind"):
+        PerClassTrigger(variants=[{"params": {}}])
+
+
+def test_per_class_trigger_is_validated_in_configs():
+    cfg = load_config(None, ["backdoor.trigger.kind=per_class"])
+    assert cfg.backdoor.trigger.kind == "per_class"
+    with pytest.raises(ConfigError, match="backdoor.trigger"):
+        load_config(None, ["backdoor.trigger.kind=per_class",
+                           'backdoor.trigger.params={"variants": [{"kind": "patch", "params": {"size": 99}}]}'])
