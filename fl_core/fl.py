@@ -115,7 +115,20 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "lightning": lightning.__version__, "git_commit": commit, "platform": platform.platform()}
+            "lightning": lightning.__version__, "git_commit": commit, "platform": platform.platform(),
+            "cpu": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: float results on the CPU are reproducible on the same model, and their last
+    digits (which training lets grow) change across models."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _check_finite(model: nn.Module, what: str) -> None:

@@ -11,7 +11,7 @@ import defenses
 from attacks.triggers import PatchTrigger, PerClassTrigger
 from fl_core.config import BackdoorConfig, OptimConfig
 from fl_core.data import ImageData, batch_loader
-from fl_core.fl import run_cell, sample_clients
+from fl_core.fl import cpu_model, run_cell, sample_clients
 from fl_core.updates import fedavg
 from fl_core.hooks import Defense
 from fl_core.metrics import backdoor_test_set, evaluate
@@ -113,6 +113,7 @@ def test_two_round_smoke_run_writes_a_record(tiny_config, tmp_path):
     assert any(k.endswith("weight") for k in state)
     assert record["metrics"]["acc"] > 40  # 4 tinted classes: chance is 25
     assert record["versions"]["torch"] == torch.__version__
+    assert record["versions"]["cpu"] and record["versions"]["cpu"] == cpu_model()  # numbers differ across models
 
 
 def test_same_config_and_seed_give_identical_metrics(tiny_config):
