@@ -1,5 +1,7 @@
 """Evidence plot: per-layer activation distributions on clean vs triggered test inputs, before and after
-the learned activation bounds. ``python -m benchmarks.activations CELL_DIR [--out plot.png]``.
+the learned activation bounds, and the cell model's ACC / ASR / RA without and with its bounds (printed:
+whether the backdoor lives in the weights or only gets past the clamps).
+``python -m benchmarks.activations CELL_DIR [--out plot.png]``.
 
 CELL_DIR is a cell output folder of a run with ``defense.name: actbound`` (it holds record.json,
 models/prototype0.pt and models/defense.pt). Test inputs are used for this picture only.
@@ -18,7 +20,8 @@ from defenses.actbound import BoundState, attach_clamps
 from fl_core.activations import channel_peaks, site_outputs
 from fl_core.config import CellConfig, from_dict
 from fl_core.data import load_dataset
-from fl_core.metrics import backdoor_test_set
+from fl_core.fl import scored_test_set
+from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.models import build_model
 
 
@@ -57,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model, bounds, ds = load_cell(cell, args.data_root)
     if not bounds:
         parser.exit(2, f"{cell} holds no models/defense.pt: run the cell with defense.name=actbound\n")
-    trig = backdoor_test_set(ds.test, cfg.backdoor, make_trigger(cfg.backdoor.trigger), cfg.seed)
+    test = scored_test_set(ds.test, cfg)  # the images the run scored
+    trig = backdoor_test_set(test, cfg.backdoor, make_trigger(cfg.backdoor.trigger), cfg.seed)
     n = min(args.samples, len(trig.labels))
-    clean = ds.test.images[(ds.test.labels != cfg.backdoor.target)][:n]
+    clean = test.images[(test.labels != cfg.backdoor.target)][:n]
     triggered = trig.images[:n]
     sites = list(model.activation_sites())
 
@@ -67,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         return {kind: site_outputs(model, images, sites, channel_peaks) for kind, images in
                 (("clean", clean), ("triggered", triggered))}
 
-    before = outputs()
+    def metrics():
+        values = evaluate(model, test, trig, cfg.eval.batch_size, torch.device("cpu"))
+        return " / ".join(f"{values[k]:.2f}" for k in ("acc", "asr", "ra"))
+
+    before, free = outputs(), metrics()
     state = bounded(model, bounds)
     after = outputs()
+    print(f"ACC / ASR / RA (%) of {cell.name}: without the bounds {free}; with them {metrics()}")
     for h in state.handles:
         h.remove()
 

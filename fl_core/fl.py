@@ -85,15 +85,21 @@ def prepare(cfg: CellConfig) -> Setup:
     if d.client_pool_size is not None and d.client_pool_size < len(pool):
         _, keep = stratified_split(pool.labels, d.client_pool_size, cfg.seed, "client-pool")
         pool = pool.subset(keep)
-    test = ds.test
-    if d.test_size is not None and d.test_size < len(test):
-        _, keep = stratified_split(test.labels, d.test_size, cfg.seed, "test")
-        test = test.subset(keep)
+    test = scored_test_set(ds.test, cfg)
     parts = partition(pool.labels.numpy(), cfg.fl.num_clients, d.partition, beta=d.beta,
                       shards_per_client=d.shards_per_client, min_samples=d.min_samples, seed=cfg.seed)
     device = resolve_device(rt.device)
     clients = [pool.subset(p).to(device) for p in parts]
     return Setup(cfg, ds, clients, ds.train.subset(public_idx), test, device, cache_dir)
+
+
+def scored_test_set(test: ImageData, cfg: CellConfig) -> ImageData:
+    """The test images a cell is scored on: ``data.test_size`` of them, stratified and seeded (all if None)."""
+    size = cfg.data.test_size
+    if size is None or size >= len(test):
+        return test
+    _, keep = stratified_split(test.labels, size, cfg.seed, "test")
+    return test.subset(keep)
 
 
 def sample_clients(pool: list[int], per_round: int, seed: int, round_idx: int) -> list[int]:

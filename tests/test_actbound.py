@@ -131,15 +131,18 @@ def test_runs_in_the_fl_loop_with_fusion_and_broadcast_options(tiny_config):
     assert [f["round"] for f in fits] == [1, 2] and fits[1]["steps"] == 2
 
 
-def test_activation_evidence_plot_from_a_saved_cell(tiny_config, tiny_root, tmp_path):
+def test_activation_evidence_plot_from_a_saved_cell(tiny_config, tiny_root, tmp_path, capsys):
     from benchmarks.activations import main
     from fl_core.fl import run_cell
 
-    cfg = tiny_config({"defense": {"name": "actbound", "params": {"steps": 5}}, "fl": {"rounds": 1}})
-    run_cell(cfg, tmp_path / "cell", log=lambda *_: None)
+    cfg = tiny_config({"defense": {"name": "actbound", "params": {"steps": 5}}, "fl": {"rounds": 1},
+                       "data": {"test_size": 24}})  # scored on 24 of the 40 test images
+    record = run_cell(cfg, tmp_path / "cell", log=lambda *_: None)
     saved = torch.load(tmp_path / "cell" / "models" / "defense.pt", weights_only=True)
     assert any(k.endswith("/upper") for k in saved)
     assert main([str(tmp_path / "cell"), "--data-root", str(tiny_root), "--samples", "20"]) == 0
+    bounded_metrics = capsys.readouterr().out.split("with them ")[1].split()[0:5:2]
+    assert bounded_metrics == [f"{record['metrics'][k]:.2f}" for k in ("acc", "asr", "ra")]  # as the run scored it
     assert (tmp_path / "cell" / "activations.png").stat().st_size > 0
 
 

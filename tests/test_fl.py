@@ -116,6 +116,17 @@ def test_two_round_smoke_run_writes_a_record(tiny_config, tmp_path):
     assert record["versions"]["cpu"] and record["versions"]["cpu"] == cpu_model()  # numbers differ across models
 
 
+def test_cells_are_scored_on_a_seeded_stratified_test_subset(tiny_config):
+    from fl_core.fl import scored_test_set
+
+    test = ImageData(torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
+    cfg = tiny_config({"data": {"test_size": 24}})
+    subset = scored_test_set(test, cfg)
+    assert torch.bincount(subset.labels).tolist() == [6, 6, 6, 6]
+    assert torch.equal(subset.labels, scored_test_set(test, cfg).labels)
+    assert scored_test_set(test, tiny_config()) is test  # test_size None: all of it
+
+
 def test_same_config_and_seed_give_identical_metrics(tiny_config):
     # stage cache off: both runs compute every stage (tests/test_stage_cache.py covers the cache)
     runs = [run_cell(tiny_config(overrides=("runtime.stage_cache=false",)), log=lambda *_: None) for _ in range(2)]
