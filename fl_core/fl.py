@@ -206,8 +206,9 @@ def cpu_state(model: nn.Module) -> State:
 
 def training_settings(cfg: CellConfig, device: torch.device) -> list:
     """What every training stage of a cell reads besides its data: seed, precision, device kind, CPU threads
-    (they change the last digits), augmentation, trigger."""
-    return [cfg.seed, cfg.precision, device.type, cfg.runtime.threads, cfg.data.augment, dataclasses.asdict(cfg.backdoor)]
+    and CPU model (both change the last digits), augmentation, trigger."""
+    return [cfg.seed, cfg.precision, device.type, cfg.runtime.threads, cfg.data.augment, dataclasses.asdict(cfg.backdoor),
+            cpu_model()]
 
 
 def stamp_trigger(data: ImageData):
