@@ -55,16 +55,18 @@ class AuditedActivationBounds(ActivationBounds):
     fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST); kept_trim
     [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
     must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
-    require_flip [False]: flag only samples whose bounded prediction leaves their label."""
+    require_flip [False]: flag only samples whose bounded prediction leaves their label; bounded_student
+    [null]: whether the student distils with its bounds on: null (what the defaults were chosen with) in
+    the rounds where the audit flagged samples and refitted the bounds, true always, false never."""
 
     consumes = frozenset({"synthetic", "updates"})
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
-                       "require_flip": False}  # added after results were published
+                       "require_flip": False, "bounded_student": None}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
-                 require_flip: bool = False, **bounds):
+                 require_flip: bool = False, bounded_student: bool | None = None, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
@@ -74,9 +76,12 @@ class AuditedActivationBounds(ActivationBounds):
             raise ValueError(f"kept_trim must be in [0, 1) or null, got {kept_trim}")
         if audit_passes < 1:
             raise ValueError(f"audit_passes must be >= 1, got {audit_passes}")
+        if constrain_teachers and bounded_student is False:
+            raise ValueError("bounded_student false contradicts constrain_teachers, which clamps the student too")
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
         self.reject_clients, self.client_z = reject_clients, client_z
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
+        self.bounded_student = bounded_student
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -144,6 +149,7 @@ class AuditedActivationBounds(ActivationBounds):
         state = self.state_for(global_model, p, images)
         self.fit(global_model, state, images, self.steps if new else self.refine_steps, (ctx.seed, ctx.round, "audit"))
         same = [u.model for u in plan.teachers if u.prototype == p]
+        refit = False
         for audit_pass in range(self.audit_passes):  # each pass audits with bounds freed of the last flags
             flags, summary = self.audit(global_model, p, same, ctx)
             previous = self._flagged.get(p)
@@ -153,6 +159,9 @@ class AuditedActivationBounds(ActivationBounds):
                 later = [audit_pass] if audit_pass else []  # the first pass keeps the one-pass random stream
                 self.fit(global_model, state, self.preservation_data(p, ctx.synthetic), self.refine_steps,
                          (ctx.seed, ctx.round, "audited", *later))
+                refit = True
+        # the frozen default (None) distils the student under the bounds exactly when the audit refitted them
+        state.enabled = refit if self.bounded_student is None else self.bounded_student
         if self.correct:
             plan.label_weight = (~flags).float()
             plan.target_mask = F.one_hot(ctx.synthetic.labels.cpu(), ctx.num_classes).bool() & flags[:, None]
@@ -161,7 +170,8 @@ class AuditedActivationBounds(ActivationBounds):
         if self.constrain_teachers:
             self._teacher_handles += [h for m in same for h in clamp_model(state, m)]
             state.enabled = True  # teachers and student clamped while the server distils
-        ctx.report(flagged_synthetic=flags.nonzero().flatten().tolist(), **summary)
+        ctx.report(flagged_synthetic=flags.nonzero().flatten().tolist(), student_bounded=float(state.enabled),
+                   **summary)
         return plan
 
     def after_round(self, global_model, prototype, ctx):

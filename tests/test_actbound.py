@@ -1,6 +1,7 @@
 """The paper's defense on a toy model with a planted large-activation backdoor neuron."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -301,6 +302,25 @@ def test_later_audit_passes_add_to_the_first_pass_flags():
     _, once = _audited_round(toy_backdoored_model(), syn)
     _, thrice = _audited_round(toy_backdoored_model(), syn, audit_passes=3)
     assert once[270:].all() and torch.equal(thrice & once, once) and thrice.sum() > once.sum()
+
+
+@pytest.mark.parametrize("bounded_student, clean_set, expected", [
+    (None, False, True),  # the frozen default: clamped in a round whose audit flagged and refitted
+    (None, True, False),  # nothing flagged, no refit: the student distils unclamped
+    (False, False, False), (True, True, True)])
+def test_the_student_distils_under_its_bounds_as_bounded_student_says(bounded_student, clean_set, expected):
+    from fl_core.hooks import ClientUpdate
+
+    model, (clean, poisoned) = toy_backdoored_model(), _poisoned_toy_set()
+    syn = clean if clean_set else poisoned
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, bounded_student=bounded_student,
+                                       audit_z=3.0 if not clean_set else 1e6)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    teachers = [ClientUpdate(i, 0, 10, copy.deepcopy(model)) for i in range(3)]
+    defense.on_fusion(FusionPlan(0, teachers, torch.ones(3), torch.ones(len(syn), dtype=torch.bool)), model, ctx)
+    assert defense._states[0].enabled is expected and ctx.decisions["student_bounded"] == float(expected)
+    assert (_asr(model) < 0.5) is expected  # the clamps act on its forward passes just then (free: > 0.9)
 
 
 def test_a_flip_only_audit_keeps_samples_whose_bounded_prediction_keeps_the_label():
