@@ -3,7 +3,8 @@
 
 1. **Constrained teachers** (option, off by default). While the server distils, the bounds (fitted on
    the aggregated model first) clamp every teacher (client model) and the student, so a trigger's
-   abnormal activation cannot pass through the ensemble's soft labels.
+   abnormal activation cannot pass through the ensemble's soft labels. Without it the student alone
+   distils under its bounds in the rounds whose audit refitted them (``bounded_student``).
 2. **Audit of the synthetic set** (no ground truth, no test data): per sample and its FM label,
    the *margin drop* of the label between the unbounded and the bounded aggregated model (the bounds
    cut exactly the activations a backdoor needs; the default signal) and, optionally, the *belief drop*
