@@ -233,12 +233,15 @@ class PerClassTrigger:
         if not variants:
             raise ValueError("per_class trigger needs at least one variant")
         self.variants = []
-        for v in variants:
+        for i, v in enumerate(variants):
             if not isinstance(v, dict) or set(v) - {"kind", "params"} or "kind" not in v:
                 raise ValueError(f"per_class variant {v!r} must be a mapping with 'kind' and optional 'params'")
             if v["kind"] == "per_class":
                 raise ValueError("per_class variants cannot be per_class triggers themselves")
-            self.variants.append(make_trigger(TriggerConfig(v["kind"], dict(v.get("params", {})))))
+            try:
+                self.variants.append(make_trigger(TriggerConfig(v["kind"], dict(v.get("params", {})))))
+            except (KeyError, TypeError) as err:  # an unknown kind or parameter of the variant
+                raise ValueError(f"per_class variant {i}: {err.args[0]}") from err
         self.local = all(getattr(v, "local", False) for v in self.variants)
 
     def apply(self, images: torch.Tensor, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -125,6 +126,7 @@ def versions() -> dict:
             "cpu": cpu_model()}
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model() -> str:
     """The CPU's model name: float results on the CPU are reproducible on the same model, and their last
     digits (which training lets grow) change across models."""

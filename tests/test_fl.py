@@ -223,3 +223,7 @@ def test_subsets_and_joins_keep_the_stamped_mask():
     assert joined.stamped.source.tolist() == [0, 1, 2, 3, 0, 1, 2]
     assert joined.subset(torch.tensor([5, 1])).stamped.source.tolist() == [1, 1]
     assert a.concat(b).stamped.source is None
+    from fl_core.fl import data_digest
+
+    other = ImageData(c.images, c.labels, c.classes, Stamped(per_class, c.stamped.mask, c.labels + 1))
+    assert data_digest(other) != data_digest(c)  # the true classes decide the pattern: part of the content

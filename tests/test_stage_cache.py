@@ -63,6 +63,16 @@ def test_changing_an_input_of_a_stage_misses_the_cache(tiny_config, tmp_path):
     assert len(_entries(tmp_path) - before) == 2
 
 
+def test_another_cpu_model_misses_the_cache(tiny_config, tmp_path, monkeypatch):
+    import fl_core.fl
+
+    _run(tiny_config, tmp_path, "here")
+    before = _entries(tmp_path)
+    monkeypatch.setattr(fl_core.fl, "cpu_model", lambda: "another CPU")  # its kernels change the last digits
+    _run(tiny_config, tmp_path, "there")
+    assert len(_entries(tmp_path) - before) == 2
+
+
 def test_round_1_is_shared_only_while_the_defense_leaves_the_broadcast_alone(tiny_config, tmp_path):
     from defenses import DEFENSES
     from fl_core.hooks import Defense

@@ -44,6 +44,8 @@ def test_per_class_trigger_picks_each_images_variant_by_its_class():
         PerClassTrigger().apply(images)
     with pytest.raises(ValueError, match="kind"):
         PerClassTrigger(variants=[{"params": {}}])
+    with pytest.raises(ValueError, match="variant 1: unknown trigger 'nope'; known: blend"):
+        PerClassTrigger(variants=[{"kind": "patch"}, {"kind": "nope"}])
 
 
 def test_per_class_trigger_is_validated_in_configs():
