@@ -3,8 +3,8 @@
 
 1. **Constrained teachers** (option, off by default). While the server distils, the bounds (fitted on
    the aggregated model first) clamp every teacher (client model) and the student, so a trigger's
-   abnormal activation cannot pass through the ensemble's soft labels. Without it the student alone
-   distils under its bounds in the rounds whose audit refitted them (``bounded_student``).
+   abnormal activation cannot pass through the ensemble's soft labels. Without it the student distils
+   free of its bounds (``bounded_student``: false; null clamps it in the rounds whose audit refitted them).
 2. **Audit of the synthetic set** (no ground truth, no test data): per sample and its FM label,
    the *margin drop* of the label between the unbounded and the bounded aggregated model (the bounds
    cut exactly the activations a backdoor needs; the default signal) and, optionally, the *belief drop*
@@ -57,8 +57,9 @@ class AuditedActivationBounds(ActivationBounds):
     [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
     must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
     require_flip [False]: flag only samples whose bounded prediction leaves their label; bounded_student
-    [null]: whether the student distils with its bounds on: null (what the defaults were chosen with) in
-    the rounds where the audit flagged samples and refitted the bounds, true always, false never."""
+    [False, fourth selection]: whether the student distils with its bounds on: false never, true always,
+    null in the rounds where the audit flagged samples and refitted the bounds (the second and third
+    selections' default); constrain_teachers clamps the student too, whatever bounded_student says."""
 
     consumes = frozenset({"synthetic", "updates"})
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
@@ -67,7 +68,7 @@ class AuditedActivationBounds(ActivationBounds):
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
-                 require_flip: bool = False, bounded_student: bool | None = None, **bounds):
+                 require_flip: bool = False, bounded_student: bool | None = False, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
@@ -77,8 +78,6 @@ class AuditedActivationBounds(ActivationBounds):
             raise ValueError(f"kept_trim must be in [0, 1) or null, got {kept_trim}")
         if audit_passes < 1:
             raise ValueError(f"audit_passes must be >= 1, got {audit_passes}")
-        if constrain_teachers and bounded_student is False:
-            raise ValueError("bounded_student false contradicts constrain_teachers, which clamps the student too")
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
         self.reject_clients, self.client_z = reject_clients, client_z
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
@@ -161,7 +160,7 @@ class AuditedActivationBounds(ActivationBounds):
                 self.fit(global_model, state, self.preservation_data(p, ctx.synthetic), self.refine_steps,
                          (ctx.seed, ctx.round, "audited", *later))
                 refit = True
-        # the frozen default (None) distils the student under the bounds exactly when the audit refitted them
+        # null: the student distils under the bounds exactly when the audit refitted them
         state.enabled = refit if self.bounded_student is None else self.bounded_student
         if self.correct:
             plan.label_weight = (~flags).float()

@@ -305,16 +305,18 @@ def test_later_audit_passes_add_to_the_first_pass_flags():
 
 
 @pytest.mark.parametrize("bounded_student, clean_set, expected", [
-    (None, False, True),  # the frozen default: clamped in a round whose audit flagged and refitted
+    (None, False, True),  # the second default: clamped in a round whose audit flagged and refitted
     (None, True, False),  # nothing flagged, no refit: the student distils unclamped
+    ("default", False, False),  # the fourth selection's default: never clamped
     (False, False, False), (True, True, True)])
 def test_the_student_distils_under_its_bounds_as_bounded_student_says(bounded_student, clean_set, expected):
     from fl_core.hooks import ClientUpdate
 
     model, (clean, poisoned) = toy_backdoored_model(), _poisoned_toy_set()
     syn = clean if clean_set else poisoned
-    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, bounded_student=bounded_student,
-                                       audit_z=3.0 if not clean_set else 1e6)
+    chosen = {} if bounded_student == "default" else {"bounded_student": bounded_student}
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, audit_z=3.0 if not clean_set else 1e6,
+                                       **chosen)
     ctx = _ctx(syn)
     defense.before_round(model, 0, ctx)
     teachers = [ClientUpdate(i, 0, 10, copy.deepcopy(model)) for i in range(3)]
