@@ -247,6 +247,7 @@ def test_audit_flags_poisoned_samples_and_corrects_their_targets():
     assert ctx.decisions["flagged_synthetic"] == flagged.nonzero().flatten().tolist()
     # teachers are clamped while the server distils (the backdoored one loses its trigger), released afterwards
     assert _asr(teachers[2].model) < 0.1 and len(defense._teacher_handles) == 3
+    assert ctx.decisions["student_bounded"] == 1.0  # the student too, though bounded_student defaults to false
     defense.after_round(model, 0, ctx)
     assert not defense._teacher_handles and _asr(teachers[2].model) > 0.9
 
