@@ -403,13 +403,25 @@ def recorded_commands(manifest: dict) -> list[str]:
     return manifest.get("commands") or ([manifest["command"]] if "command" in manifest else [])
 
 
+def whole_grid_labels(spec: GridSpec, scale: str, overrides: tuple[str, ...],
+                      cells: list[Cell] | None = None) -> dict[str, dict[str, str]]:
+    """Key -> labels of every cell of the unfiltered grid (``cells`` if given: already unfiltered); empty
+    where some cell outside a filter cannot be resolved here (its data missing, say)."""
+    try:
+        return {c.key: c.labels for c in (cells if cells is not None else expand(spec, scale, overrides))}
+    except ConfigError:
+        return {}
+
+
 def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], overrides: tuple[str, ...],
-                   command: str) -> None:
+                   command: str, known: dict[str, dict[str, str]] | None = None) -> None:
     """``grid.json``: the grid's axes, every cell's key, labels and config (read by the report), and each
-    distinct command that wrote to this folder (earlier ``--only`` subsets stay in the report)."""
+    distinct command that wrote to this folder (earlier ``--only`` subsets stay in the report). ``known``
+    (key -> labels of the whole unfiltered grid) relabels earlier cells the grid now names differently
+    (a preset that pinned an old default under a new label), so a filtered command does not drop them."""
     path = out / "grid.json"
     manifest = read_json(path) or {}
-    previous = manifest.get("cells", [])
+    previous = [{**c, "labels": (known or {}).get(c["key"], c["labels"])} for c in manifest.get("cells", [])]
     commands = [c for c in recorded_commands(manifest) if c != command] + [command]
     current = {json.dumps(c.labels, sort_keys=True) for c in cells}
     # keep earlier cells (e.g. other --only subsets) unless a current cell with the same labels replaces them
@@ -530,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {cell.key}  {status:8s} ~{estimate_seconds(cell.config):5.0f} s  {text}")
         return 0
     command = "python -m benchmarks.grid " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip())
+    write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip(),
+                   whole_grid_labels(spec, args.scale, tuple(overrides), cells if not args.only else None))
     started = time.time()
     try:
         with sigterm_as_interrupt():

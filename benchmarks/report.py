@@ -175,6 +175,11 @@ def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame
     return tables
 
 
+def row_names(frame: pd.DataFrame, group: list[str]) -> pd.Series:
+    """One name per row from its labels on ``group`` ("-" where a cell predates an axis and lacks it)."""
+    return frame[group].fillna("-").astype(str).agg(" | ".join, axis=1)
+
+
 def _plots(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str], out: Path) -> list[Path]:
     import matplotlib
 
@@ -185,7 +190,7 @@ def _plots(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str], out: Path
     if done.empty:
         return []
     group = [a for a in axes if a != "seed"] or ["key"]
-    name = done[group].astype(str).agg(" | ".join, axis=1)
+    name = row_names(done, group)
     agg = done.assign(name=name).groupby("name", sort=False)[["acc", "asr"]].agg(["mean", "std"])
     paths = []
 
@@ -205,7 +210,7 @@ def _plots(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str], out: Path
 
     if not rounds.empty:
         fig, axs = plt.subplots(1, 2, figsize=(11, 4.2))
-        r_name = rounds[group].astype(str).agg(" | ".join, axis=1) if group != ["key"] else rounds["key"]
+        r_name = row_names(rounds, group) if group != ["key"] else rounds["key"]
         curves = rounds.assign(name=r_name).groupby(["name", "round"], sort=False)[["acc", "asr"]].mean()
         for label_, frame in curves.groupby(level=0, sort=False):
             for metric, axis in zip(("asr", "acc"), axs):

@@ -22,6 +22,9 @@
 4. **Corrective distillation.** A flagged sample's label leaves the CE term and the label is masked out
    of its (bounded) distillation target: the student learns what the constrained ensemble predicts
    without the suspicious label, which unlearns the trigger -> target shortcut.
+5. **What is deployed.** The bounds are refitted after every round for the next audit and client rule,
+   but the model evaluated and kept is the weights alone (``deploy_bounds``: false, fifth selection);
+   true deploys it under its clamps, the paper's form and the default up to the fourth selection.
 """
 from __future__ import annotations
 
@@ -59,16 +62,21 @@ class AuditedActivationBounds(ActivationBounds):
     require_flip [False]: flag only samples whose bounded prediction leaves their label; bounded_student
     [False, fourth selection]: whether the student distils with its bounds on: false never, true always,
     null in the rounds where the audit flagged samples and refitted the bounds (the second and third
-    selections' default); constrain_teachers clamps the student too, whatever bounded_student says."""
+    selections' default); constrain_teachers clamps the student too, whatever bounded_student says;
+    deploy_bounds [False, fifth selection]: whether the model evaluated and kept after each round runs under
+    its bounds; false: the bounds serve the audit and the client rule only, the weights alone are the
+    defended model (true: the paper's clamped model, the default up to the fourth selection)."""
 
     consumes = frozenset({"synthetic", "updates"})
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
-                       "require_flip": False, "bounded_student": None}  # added after results were published
+                       "require_flip": False, "bounded_student": None,
+                       "deploy_bounds": True}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
-                 require_flip: bool = False, bounded_student: bool | None = False, **bounds):
+                 require_flip: bool = False, bounded_student: bool | None = False, deploy_bounds: bool = False,
+                 **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
@@ -81,7 +89,7 @@ class AuditedActivationBounds(ActivationBounds):
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
         self.reject_clients, self.client_z = reject_clients, client_z
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
-        self.bounded_student = bounded_student
+        self.bounded_student, self.deploy_bounds = bounded_student, deploy_bounds
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 

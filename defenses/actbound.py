@@ -165,6 +165,7 @@ class ActivationBounds(Defense):
     consumes = frozenset({"synthetic"})
     omit_at_default = {"retry_fresh": False}  # added after results were published
     kept_trim: float | None = None  # trim of the bounds the model keeps after a round (None: ``trim``)
+    deploy_bounds: bool = True  # the model evaluated and kept after a round runs under its bounds
 
     def __init__(self, sites: str | list = "all", shape: str = "channel", element_sites: int = 0,
                  lower: bool = False, init: str = "quantile", init_q: float = 0.999, init_k: float = 4.0,
@@ -386,7 +387,7 @@ class ActivationBounds(Defense):
         self._log.append({"round": ctx.round, "prototype": prototype, "steps": steps,
                           "flagged": int(flagged.sum()) if flagged is not None else 0, **info})
         ctx.report(**{k: round(v, 4) for k, v in info.items()})
-        state.enabled = True
+        state.enabled = self.deploy_bounds
         return global_model
 
     def detach(self) -> None:

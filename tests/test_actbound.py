@@ -7,7 +7,7 @@ from torch import nn
 
 from defenses import DEFENSES
 from fl_core.data import ImageData
-from fl_core.hooks import FusionPlan, ServerContext
+from fl_core.hooks import FusionPlan, ServerContext, describe
 from fl_core.metrics import predict
 from fl_core.models import ActivationSite, Classifier
 
@@ -291,8 +291,8 @@ def _audited_round(model, syn, **params):
 def test_kept_bounds_fitted_untrimmed_on_the_audited_set_keep_clean_predictions():
     clean, syn = _poisoned_toy_set()
     trimmed, untrimmed = toy_backdoored_model(), toy_backdoored_model()
-    _audited_round(trimmed, syn)  # kept bounds trimmed like the audit's: free to break a quarter of a batch
-    _, flagged = _audited_round(untrimmed, syn, kept_trim=0.0)
+    _audited_round(trimmed, syn, deploy_bounds=True)  # kept bounds trimmed like the audit's: free to break a quarter of a batch
+    _, flagged = _audited_round(untrimmed, syn, kept_trim=0.0, deploy_bounds=True)
     assert flagged[270:].all() and not flagged[:270].any()
     assert _agreement(trimmed, toy_backdoored_model(), clean) < 0.9
     assert _agreement(untrimmed, toy_backdoored_model(), clean) >= 0.95 and _asr(untrimmed) < 0.1
@@ -324,6 +324,17 @@ def test_the_student_distils_under_its_bounds_as_bounded_student_says(bounded_st
     defense.on_fusion(FusionPlan(0, teachers, torch.ones(3), torch.ones(len(syn), dtype=torch.bool)), model, ctx)
     assert defense._states[0].enabled is expected and ctx.decisions["student_bounded"] == float(expected)
     assert (_asr(model) < 0.5) is expected  # the clamps act on its forward passes just then (free: > 0.9)
+
+
+def test_weights_alone_are_deployed_with_the_same_bounds_kept_for_the_audit():
+    _, syn = _poisoned_toy_set()
+    deployed, alone = toy_backdoored_model(), toy_backdoored_model()
+    with_bounds, _ = _audited_round(deployed, syn, deploy_bounds=True)
+    without, _ = _audited_round(alone, syn)  # the fifth selection's default
+    assert _asr(deployed) < 0.1 and _asr(alone) > 0.9  # the toy backdoor lives in the weights
+    kept, fitted = with_bounds.state_dict(), without.state_dict()
+    assert kept.keys() == fitted.keys() and all(torch.equal(kept[k], fitted[k]) for k in kept)
+    assert "deploy_bounds" not in describe(with_bounds) and describe(without)["deploy_bounds"] is False
 
 
 def test_a_flip_only_audit_keeps_samples_whose_bounded_prediction_keeps_the_label():
