@@ -22,7 +22,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
@@ -403,29 +403,36 @@ def recorded_commands(manifest: dict) -> list[str]:
     return manifest.get("commands") or ([manifest["command"]] if "command" in manifest else [])
 
 
-def whole_grid_labels(spec: GridSpec, scale: str, overrides: tuple[str, ...],
-                      cells: list[Cell] | None = None) -> dict[str, dict[str, str]]:
-    """Key -> labels of every cell of the unfiltered grid (``cells`` if given: already unfiltered); empty
-    where some cell outside a filter cannot be resolved here (its data missing, say)."""
+def whole_grid_labels(spec: GridSpec, scale: str, overrides: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Key -> labels of every cell of the unfiltered grid; empty where some cell outside a filter cannot
+    be resolved here (its data missing, say)."""
     try:
-        return {c.key: c.labels for c in (cells if cells is not None else expand(spec, scale, overrides))}
+        return {c.key: c.labels for c in expand(spec, scale, overrides)}
     except ConfigError:
         return {}
 
 
+def _labels_id(labels: dict[str, str]) -> str:
+    return json.dumps(labels, sort_keys=True)
+
+
 def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], overrides: tuple[str, ...],
-                   command: str, known: dict[str, dict[str, str]] | None = None) -> None:
+                   command: str, whole_grid: Callable[[], dict[str, dict[str, str]]] | None = None) -> None:
     """``grid.json``: the grid's axes, every cell's key, labels and config (read by the report), and each
-    distinct command that wrote to this folder (earlier ``--only`` subsets stay in the report). ``known``
-    (key -> labels of the whole unfiltered grid) relabels earlier cells the grid now names differently
-    (a preset that pinned an old default under a new label), so a filtered command does not drop them."""
+    distinct command that wrote to this folder (earlier ``--only`` subsets stay in the report). Where an
+    earlier cell's labels now name another cell (a preset that pinned an old default under a new label),
+    ``whole_grid`` (key -> labels of the unfiltered grid, computed only then) relabels it, so a filtered
+    command does not drop it."""
     path = out / "grid.json"
     manifest = read_json(path) or {}
-    previous = [{**c, "labels": (known or {}).get(c["key"], c["labels"])} for c in manifest.get("cells", [])]
+    previous = manifest.get("cells", [])
+    current, keys = {_labels_id(c.labels) for c in cells}, {c.key for c in cells}
+    if whole_grid and any(_labels_id(c["labels"]) in current and c["key"] not in keys for c in previous):
+        known = whole_grid()
+        previous = [{**c, "labels": known.get(c["key"], c["labels"])} for c in previous]
     commands = [c for c in recorded_commands(manifest) if c != command] + [command]
-    current = {json.dumps(c.labels, sort_keys=True) for c in cells}
     # keep earlier cells (e.g. other --only subsets) unless a current cell with the same labels replaces them
-    entries = {c["key"]: c for c in previous if json.dumps(c["labels"], sort_keys=True) not in current}
+    entries = {c["key"]: c for c in previous if _labels_id(c["labels"]) not in current}
     for cell in cells:
         entries[cell.key] = {"key": cell.key, "labels": cell.labels, "config": cell.config.to_dict(with_runtime=False)}
     write_json(path, {"grid": spec.name, "description": spec.description, "scale": scale,
@@ -543,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python -m benchmarks.grid " + " ".join(argv if argv is not None else sys.argv[1:])
     write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip(),
-                   whole_grid_labels(spec, args.scale, tuple(overrides), cells if not args.only else None))
+                   (lambda: whole_grid_labels(spec, args.scale, tuple(overrides))) if args.only else None)
     started = time.time()
     try:
         with sigterm_as_interrupt():

@@ -253,20 +253,15 @@ def test_pretrained_table_takes_round_0_once_per_seed_across_defenses():
 def test_a_filtered_command_keeps_earlier_cells_the_preset_relabelled(tiny_root, tmp_path):
     """A preset that pins an old default under a new label and adds the new default under the old label:
     a command filtered to the new cells must keep (and relabel) the old ones, not drop them."""
-    from benchmarks.grid import whole_grid_labels, write_manifest
-
-    out = tmp_path / "out"
-    out.mkdir()
-    pinned = {"name": "fm", "params": {"poison_rate": 0.5}}
-    before = _spec(tiny_root, tmp_path, {"attack": [{"label": "fm", **pinned}]})
-    old = expand(before)
-    write_manifest(out, before, "cpu", old, (), "first")
-    after = _spec(tiny_root, tmp_path, {"attack": [{"label": "fm-old", **pinned}, {"name": "fm"}]})
-    new = expand(after, only=("attack=fm",))
-    assert new[0].labels == old[0].labels and new[0].key != old[0].key
-    write_manifest(out, after, "cpu", new, (), "second", whole_grid_labels(after, "cpu", ()))
+    out, pinned = tmp_path / "out", {"name": "fm", "params": {"poison_rate": 0.5}}
+    before = _spec(tiny_root, tmp_path, {"attack": [{"label": "fm", **pinned}, {"name": "none"}]})
+    after = _spec(tiny_root, tmp_path, {"attack": [{"label": "fm-old", **pinned}, {"name": "fm"}, {"name": "none"}]})
+    old, new = expand(before, only=("attack=fm",))[0], expand(after, only=("attack=fm",))[0]
+    assert new.labels == old.labels and new.key != old.key
+    for spec in (before, after):
+        assert main(["--config", str(_write(tmp_path, spec)), "--out", str(out), "--only", "attack=fm", "--no-report"]) == 0
     labels = {c["key"]: c["labels"]["attack"] for c in json.loads((out / "grid.json").read_text())["cells"]}
-    assert labels == {old[0].key: "fm-old", new[0].key: "fm"}
+    assert labels == {old.key: "fm-old", new.key: "fm"}
 
 
 def test_plot_names_survive_cells_that_lack_a_later_axis():
