@@ -11,7 +11,9 @@
    in the label from the model the clients received to their ensemble after clean local training
    (clean clients forget a trigger; heavy-tailed on Fashion-MNIST, so off by default). Each signal is a
    robust z over the set (median / MAD); a sample is flagged when the mean of the signals' z exceeds
-   ``audit_z``. Once flagged, always flagged; the bounds are then refitted (``refine_steps``) without
+   ``audit_z`` and the bounds remove at least the share ``margin_cut`` of its label's margin (sixth
+   selection: the z alone also flags confident clean samples that the bounds only trim). Once flagged,
+   always flagged; the bounds are then refitted (``refine_steps``) without
    having to preserve the flagged samples.
 3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
    and without the global model's bounds, and the KL between the two outputs is its *bound
@@ -59,7 +61,10 @@ class AuditedActivationBounds(ActivationBounds):
     fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST); kept_trim
     [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
     must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
-    require_flip [False]: flag only samples whose bounded prediction leaves their label; bounded_student
+    require_flip [False]: flag only samples whose bounded prediction leaves their label; margin_cut [0.5, sixth
+    selection]: flag only samples whose label margin the bounds cut by at least this fraction of its
+    unbounded size (a robust z alone flags confident clean samples whose margin the bounds trim a little;
+    0: the z alone, the default up to the fifth selection); bounded_student
     [False, fourth selection]: whether the student distils with its bounds on: false never, true always,
     null in the rounds where the audit flagged samples and refitted the bounds (the second and third
     selections' default); constrain_teachers clamps the student too, whatever bounded_student says;
@@ -70,13 +75,13 @@ class AuditedActivationBounds(ActivationBounds):
     consumes = frozenset({"synthetic", "updates"})
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
                        "require_flip": False, "bounded_student": None,
-                       "deploy_bounds": True}  # added after results were published
+                       "deploy_bounds": True, "margin_cut": 0.0}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
                  require_flip: bool = False, bounded_student: bool | None = False, deploy_bounds: bool = False,
-                 **bounds):
+                 margin_cut: float = 0.5, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
@@ -84,12 +89,14 @@ class AuditedActivationBounds(ActivationBounds):
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
         if kept_trim is not None and not 0 <= kept_trim < 1:
             raise ValueError(f"kept_trim must be in [0, 1) or null, got {kept_trim}")
+        if not 0 <= margin_cut <= 1:
+            raise ValueError(f"margin_cut must be in [0, 1], got {margin_cut}")
         if audit_passes < 1:
             raise ValueError(f"audit_passes must be >= 1, got {audit_passes}")
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
         self.reject_clients, self.client_z = reject_clients, client_z
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
-        self.bounded_student, self.deploy_bounds = bounded_student, deploy_bounds
+        self.bounded_student, self.deploy_bounds, self.margin_cut = bounded_student, deploy_bounds, margin_cut
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -147,6 +154,8 @@ class AuditedActivationBounds(ActivationBounds):
         flags = torch.stack(list(scores.values())).mean(0) > self.audit_z
         if self.require_flip:  # only samples whose label the bounds overturn
             flags &= bounded < 0
+        if self.margin_cut:  # only samples that lose a large share of their label's margin, not just a large one
+            flags &= unbounded - bounded >= self.margin_cut * unbounded.abs()
         return flags, {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
 
     def on_fusion(self, plan, global_model, ctx):

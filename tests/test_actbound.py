@@ -350,3 +350,24 @@ def test_a_flip_only_audit_keeps_samples_whose_bounded_prediction_keeps_the_labe
     keeps_label = predict(model, syn.images, 100, torch.device("cpu")) == syn.labels
     state.enabled = False
     assert flags.sum() >= 30 and torch.equal(flipped, flags & ~keeps_label)
+
+
+def test_a_margin_cut_keeps_flags_whose_label_margin_the_bounds_cut_by_that_share():
+    from defenses.actbound import class_margins
+    from fl_core.metrics import logits
+
+    model, (_, syn) = toy_backdoored_model(), _poisoned_toy_set()
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, audit_z=1.0)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    flags, _ = defense.audit(model, 0, [], ctx)
+    defense.margin_cut = 1.0  # the toy's bounds cut nearly every margin to ~0: keep only those cut through
+    cut, _ = defense.audit(model, 0, [], ctx)
+    state, cpu = defense._states[0], torch.device("cpu")
+    free = class_margins(logits(model, syn.images, 100, cpu), syn.labels)
+    state.enabled = True
+    bounded = class_margins(logits(model, syn.images, 100, cpu), syn.labels)
+    state.enabled = False
+    assert 0 < cut.sum() < flags.sum() and torch.equal(cut, flags & (free - bounded >= free.abs()))
+    with pytest.raises(ValueError, match="margin_cut"):
+        DEFENSES.get("actaudit")(margin_cut=1.5)
