@@ -357,10 +357,10 @@ def test_a_margin_cut_keeps_flags_whose_label_margin_the_bounds_cut_by_that_shar
     from fl_core.metrics import logits
 
     model, (_, syn) = toy_backdoored_model(), _poisoned_toy_set()
-    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, audit_z=1.0)
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, audit_z=1.0, margin_cut=0.0)
     ctx = _ctx(syn)
     defense.before_round(model, 0, ctx)
-    flags, _ = defense.audit(model, 0, [], ctx)
+    flags, _ = defense.audit(model, 0, [], ctx)  # the robust z alone
     defense.margin_cut = 1.0  # the toy's bounds cut nearly every margin to ~0: keep only those cut through
     cut, _ = defense.audit(model, 0, [], ctx)
     state, cpu = defense._states[0], torch.device("cpu")
