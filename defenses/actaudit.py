@@ -21,6 +21,9 @@
    clients > ``client_z``) is not admitted: it neither averages nor teaches. A boosted replacement
    update saturates: the bounds barely change its (confidently wrong) outputs, far below any benign
    client's divergence. The first bounds are fitted on the model the clients receive, before round 1.
+   Optionally (``norm_ratio``) a client whose update is abnormally large in parameter space (the L2 norm
+   of its trained-minus-global parameters over the median of the round's clients) is not admitted either:
+   a boosted update is larger than any benign one even where its divergence looks benign.
 4. **Corrective distillation.** A flagged sample's label leaves the CE term and the label is masked out
    of its (bounded) distillation target: the student learns what the constrained ensemble predicts
    without the suspicious label, which unlearns the trigger -> target shortcut.
@@ -37,6 +40,7 @@ from torch import nn
 from defenses import DEFENSES
 from defenses.actbound import ActivationBounds, class_margins, clamp_model, robust_z
 from fl_core.metrics import logits
+from fl_core.updates import deltas, median
 from fl_core.seeding import torch_generator
 
 SIGNALS = ("both", "margin", "belief")
@@ -57,7 +61,10 @@ class AuditedActivationBounds(ActivationBounds):
     audit_z [3.0]: flag threshold on the mean robust z of the signals; signals ["margin"], "belief" or
     "both"; constrain_teachers [False]; correct [True]: corrective distillation of flagged samples
     (False: they only leave fusion); reject_clients [True]: constrained aggregation, with client_z [10]
-    the threshold on the |robust z| of the log bound divergence; target_agreement [0.98] of the bounds'
+    the threshold on the |robust z| of the log bound divergence; norm_ratio [2.0, seventh selection; null:
+    off]: also refuse a client whose parameter-update norm exceeds this multiple of the round's median (a
+    robust z is too sharp there: benign IID clients' norms agree so closely that their MAD is tiny);
+    target_agreement [0.98] of the bounds'
     fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST); kept_trim
     [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
     must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
@@ -75,16 +82,20 @@ class AuditedActivationBounds(ActivationBounds):
     consumes = frozenset({"synthetic", "updates"})
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
                        "require_flip": False, "bounded_student": None,
-                       "deploy_bounds": True, "margin_cut": 0.0}  # added after results were published
+                       "deploy_bounds": True, "margin_cut": 0.0,
+                       "norm_ratio": None}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
                  require_flip: bool = False, bounded_student: bool | None = False, deploy_bounds: bool = False,
-                 margin_cut: float = 0.5, **bounds):
+                 margin_cut: float = 0.5, norm_ratio: float | None = 2.0, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
+        if norm_ratio is not None and norm_ratio <= 1:
+            raise ValueError(f"norm_ratio must be > 1 (a multiple of the median update norm) or null, "
+                             f"got {norm_ratio}")
         if signals not in SIGNALS:
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
         if kept_trim is not None and not 0 <= kept_trim < 1:
@@ -94,7 +105,7 @@ class AuditedActivationBounds(ActivationBounds):
         if audit_passes < 1:
             raise ValueError(f"audit_passes must be >= 1, got {audit_passes}")
         self.audit_z, self.signals, self.constrain_teachers, self.correct = audit_z, signals, constrain_teachers, correct
-        self.reject_clients, self.client_z = reject_clients, client_z
+        self.reject_clients, self.client_z, self.norm_ratio = reject_clients, client_z, norm_ratio
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
         self.bounded_student, self.deploy_bounds, self.margin_cut = bounded_student, deploy_bounds, margin_cut
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
@@ -130,8 +141,15 @@ class AuditedActivationBounds(ActivationBounds):
                                        reduction="batchmean").item())
         state.enabled = False
         z = robust_z(torch.tensor(divergence).clamp_min(1e-8).log())
-        admitted = [i for i in range(len(agg.updates)) if z[i].abs() <= self.client_z]
-        ctx.report(bound_divergence={u.client_id: round(d, 4) for u, d in zip(agg.updates, divergence)})
+        admitted = z.abs() <= self.client_z
+        ids = [u.client_id for u in agg.updates]
+        if self.norm_ratio is not None:  # parameters only (fl_core.updates), never BatchNorm buffers
+            norms = deltas(agg.updates, global_model).norm(dim=1)
+            ratio = norms / median(norms).clamp_min(1e-12)
+            admitted &= ratio <= self.norm_ratio
+            ctx.report(update_norm_ratio={i: round(float(v), 3) for i, v in zip(ids, ratio)})
+        ctx.report(bound_divergence={i: round(d, 4) for i, d in zip(ids, divergence)})
+        admitted = admitted.nonzero().flatten().tolist()
         return agg.admit(admitted) if len(admitted) < len(agg.updates) else agg
 
     def audit(self, global_model, prototype: int, teachers: list[nn.Module], ctx) -> tuple[torch.Tensor, dict]:

@@ -275,6 +275,35 @@ def test_constrained_aggregation_rejects_a_client_with_an_abnormal_bound_diverge
     assert divergence[4] < 1e-3 < min(divergence[i] for i in range(4))
 
 
+@pytest.mark.parametrize("norm_ratio", [None, 2.0])
+def test_norm_rule_refuses_a_boosted_update_whose_bound_divergence_looks_benign(norm_ratio):
+    from fl_core.hooks import Aggregation, ClientUpdate
+
+    model, syn = toy_backdoored_model(), toy_data()
+    defense = DEFENSES.get("actaudit")(steps=100, lr=0.1, norm_ratio=norm_ratio, client_z=1e6)  # divergence rule off
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    generator = torch.Generator().manual_seed(0)
+    updates = []
+    for i in range(6):
+        local = copy.deepcopy(model)
+        with torch.no_grad():
+            for param in local.parameters():
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+            if i == 5:  # model replacement: the trained-minus-global parameters boosted by 3.33
+                for param, start in zip(local.parameters(), model.parameters()):
+                    param.copy_(start + 3.33 * (param - start))
+        updates.append(ClientUpdate(i, 0, 10, local))
+    agg = defense.aggregate(Aggregation(updates, torch.ones(6)), model, ctx)
+    admitted = [u.client_id for u in agg.updates]
+    if norm_ratio is None:
+        assert admitted == list(range(6)) and "update_norm_ratio" not in ctx.decisions
+    else:
+        assert admitted == list(range(5))
+        ratios = ctx.decisions["update_norm_ratio"]
+        assert ratios[5] > 3 and max(ratios[i] for i in range(5)) < 1.1  # the boost against benign drifts
+
+
 def _audited_round(model, syn, **params):
     from fl_core.hooks import ClientUpdate
 
