@@ -68,8 +68,8 @@ class AuditedActivationBounds(ActivationBounds):
     fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST); kept_trim
     [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
     must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
-    require_flip [False]: flag only samples whose bounded prediction leaves their label; margin_cut [0.5, sixth
-    selection]: flag only samples whose label margin the bounds cut by at least this fraction of its
+    require_flip [False]: flag only samples whose bounded prediction leaves their label; margin_cut [0.5,
+    sixth selection]: flag only samples whose label margin the bounds cut by at least this fraction of its
     unbounded size (a robust z alone flags confident clean samples whose margin the bounds trim a little;
     0: the z alone, the default up to the fifth selection); bounded_student
     [False, fourth selection]: whether the student distils with its bounds on: false never, true always,
