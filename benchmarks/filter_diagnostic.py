@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from attacks.poisoning import poison_indices
     from defenses.actbound import abnormal_samples, robust_z
     from fl_core.activations import channel_peaks, site_outputs
-    from fl_core.fl import initial_models, prepare, pretrain
+    from fl_core.fl import StageCache, initial_models, prepare, pretrain
     from fl_core.synthetic import synthetic_set
 
     L.seed_everything(cfg.seed, verbose=False)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = torch.zeros(len(synthetic), dtype=torch.bool)
     truth[poison_indices(synthetic.labels, cfg.backdoor, attack.poison_rate, cfg.seed, "fm")] = True
     model = initial_models(cfg, setup)[0]
-    pretrain([model], poisoned.to(setup.device), cfg, setup.accelerator)
+    pretrain([model], poisoned.to(setup.device), cfg, setup, StageCache.for_cell(cfg, setup))
     sites = list(model.activation_sites())
     print(f"{int(truth.sum())} of {len(truth)} synthetic samples poisoned; model pre-trained on them")
     print("| unit, threshold z | flagged | recall | false-positive rate |\n|---|---|---|---|")

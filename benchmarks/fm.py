@@ -174,7 +174,7 @@ def quality(configs: list[CellConfig]) -> list[dict]:
         setup = prepare(cfg)
         data, _ = synthetic_set(setup.synthetic_request())
         models = initial_models(cfg, setup)
-        pretrain(models, data, cfg, setup, StageCache(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None))
+        pretrain(models, data, cfg, setup, StageCache.for_cell(cfg, setup))
         model = models[0]
         test, size = setup.test, setup.dataset.image_shape[-1]
         fm_size = cfg.synthetic.ddpm.image_size or size

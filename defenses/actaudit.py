@@ -12,9 +12,11 @@
    (clean clients forget a trigger; heavy-tailed on Fashion-MNIST, so off by default). Each signal is a
    robust z over the set (median / MAD); a sample is flagged when the mean of the signals' z exceeds
    ``audit_z`` and the bounds remove at least the share ``margin_cut`` of its label's margin (sixth
-   selection: the z alone also flags confident clean samples that the bounds only trim). Once flagged,
-   always flagged; the bounds are then refitted (``refine_steps``) without
-   having to preserve the flagged samples.
+   selection: the z alone also flags confident clean samples that the bounds only trim). The same rule
+   on the margin drop under a slight Gaussian blur of the image (``blur_sigma``, eighth selection) flags
+   too: a global, high-frequency trigger (blend) raises no abnormal activation for the bounds to cut, but
+   a blur that leaves a clean image's class alone erases it. Once flagged, always flagged; the bounds are
+   then refitted (``refine_steps``) without having to preserve the flagged samples.
 3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
    and without the global model's bounds, and the KL between the two outputs is its *bound
    divergence*. A client whose divergence is abnormal either way (|robust z| of its log over the round's
@@ -36,6 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from defenses import DEFENSES
 from defenses.actbound import ActivationBounds, class_margins, clamp_model, robust_z
@@ -71,7 +74,9 @@ class AuditedActivationBounds(ActivationBounds):
     require_flip [False]: flag only samples whose bounded prediction leaves their label; margin_cut [0.5,
     sixth selection]: flag only samples whose label margin the bounds cut by at least this fraction of its
     unbounded size (a robust z alone flags confident clean samples whose margin the bounds trim a little;
-    0: the z alone, the default up to the fifth selection); bounded_student
+    0: the z alone, the default up to the fifth selection); blur_sigma [0.5, eighth selection; null: off]:
+    also flag, by the same z and cut, samples whose label margin a Gaussian blur of this sigma (in pixels,
+    kernel 2 round(2 sigma) + 1) removes (a global high-frequency trigger the bounds do not cut); bounded_student
     [False, fourth selection]: whether the student distils with its bounds on: false never, true always,
     null in the rounds where the audit flagged samples and refitted the bounds (the second and third
     selections' default); constrain_teachers clamps the student too, whatever bounded_student says;
@@ -83,19 +88,22 @@ class AuditedActivationBounds(ActivationBounds):
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
                        "require_flip": False, "bounded_student": None,
                        "deploy_bounds": True, "margin_cut": 0.0,
-                       "norm_ratio": None}  # added after results were published
+                       "norm_ratio": None, "blur_sigma": None}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
                  require_flip: bool = False, bounded_student: bool | None = False, deploy_bounds: bool = False,
-                 margin_cut: float = 0.5, norm_ratio: float | None = 2.0, **bounds):
+                 margin_cut: float = 0.5, norm_ratio: float | None = 2.0, blur_sigma: float | None = 0.5,
+                 **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
         if norm_ratio is not None and norm_ratio <= 1:
             raise ValueError(f"norm_ratio must be > 1 (a multiple of the median update norm) or null, "
                              f"got {norm_ratio}")
+        if blur_sigma is not None and not 0 < blur_sigma <= 5:
+            raise ValueError(f"blur_sigma must be in (0, 5] pixels or null, got {blur_sigma}")
         if signals not in SIGNALS:
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
         if kept_trim is not None and not 0 <= kept_trim < 1:
@@ -108,6 +116,7 @@ class AuditedActivationBounds(ActivationBounds):
         self.reject_clients, self.client_z, self.norm_ratio = reject_clients, client_z, norm_ratio
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
         self.bounded_student, self.deploy_bounds, self.margin_cut = bounded_student, deploy_bounds, margin_cut
+        self.blur_sigma = blur_sigma
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -153,7 +162,8 @@ class AuditedActivationBounds(ActivationBounds):
         return agg.admit(admitted) if len(admitted) < len(agg.updates) else agg
 
     def audit(self, global_model, prototype: int, teachers: list[nn.Module], ctx) -> tuple[torch.Tensor, dict]:
-        """(flags over the synthetic set, summary) from the margin drop and the belief drop."""
+        """(flags over the synthetic set, summary) from the margin drop under the bounds, the belief drop
+        and the margin drop under a blur."""
         syn, state = ctx.synthetic, self._states[prototype]
         labels = syn.labels.cpu()
         state.enabled = False
@@ -167,14 +177,28 @@ class AuditedActivationBounds(ActivationBounds):
         if self.signals in ("both", "belief") and teachers:  # (a prototype without teachers: margin only)
             after = label_probability(teachers, syn.images, syn.labels, ctx.device)
             scores["belief"] = robust_z(self._broadcast[prototype] - after)
-        if not scores:
-            return torch.zeros(len(syn), dtype=torch.bool), {}
-        flags = torch.stack(list(scores.values())).mean(0) > self.audit_z
-        if self.require_flip:  # only samples whose label the bounds overturn
-            flags &= bounded < 0
-        if self.margin_cut:  # only samples that lose a large share of their label's margin, not just a large one
-            flags &= unbounded - bounded >= self.margin_cut * unbounded.abs()
-        return flags, {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
+        summary = {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
+        flags = torch.zeros(len(syn), dtype=torch.bool)
+        if scores:
+            flags = self.cut(torch.stack(list(scores.values())).mean(0), unbounded - bounded, unbounded)
+            if self.require_flip:  # only samples whose label the bounds overturn
+                flags &= bounded < 0
+        if self.blur_sigma is not None:
+            k = 2 * round(2 * self.blur_sigma) + 1
+            blurred = gaussian_blur(syn.images, [k, k], [self.blur_sigma, self.blur_sigma])
+            drop = unbounded - class_margins(logits(global_model, blurred, 500, ctx.device), labels)
+            blur_flags = self.cut(robust_z(drop), drop, unbounded)
+            summary["blur_flags"] = int(blur_flags.sum())
+            flags |= blur_flags
+        return flags, summary
+
+    def cut(self, z: torch.Tensor, drop: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """Samples whose score ``z`` exceeds ``audit_z`` and whose label ``margin`` loses at least the share
+        ``margin_cut`` of its size (``drop``): a large drop, not just a large z on a confident sample."""
+        flags = z > self.audit_z
+        if self.margin_cut:
+            flags &= drop >= self.margin_cut * margin.abs()
+        return flags
 
     def on_fusion(self, plan, global_model, ctx):
         plan = super().on_fusion(plan, global_model, ctx)

@@ -171,6 +171,11 @@ class StageCache:
     def __init__(self, folder: Path | None):
         self.folder = folder  # None: disabled
 
+    @classmethod
+    def for_cell(cls, cfg: CellConfig, setup: Setup) -> StageCache:
+        """The cache a cell uses: under the setup's cache folder, unless ``runtime.stage_cache`` is off."""
+        return cls(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None)
+
     @staticmethod
     def key(*parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -277,7 +282,7 @@ class FederatedRun:
         self.proto_of = [i % self.n_protos for i in range(self.n_clients)]
         self.models = initial_models(cfg, setup)
         self.backdoor_set = backdoor_test_set(setup.test, cfg.backdoor, self.trigger, self.seed)
-        self.cache = StageCache(setup.cache_dir / "stages" if cfg.runtime.stage_cache else None)
+        self.cache = StageCache.for_cell(cfg, setup)
         self.rounds: list[dict] = []
         self.timers = {name: _Timer() for name in ("defense", "local", "fusion")}
 

@@ -14,22 +14,27 @@ from fl_core.models import ActivationSite, Classifier
 
 def toy_backdoored_model() -> Classifier:
     """Channels 0-2 copy the colour channels; channel 3 fires only on white pixels and votes hard for class 0."""
-    conv = nn.Conv2d(3, 4, 1)
-    head = nn.Linear(4, 3)
+    conv, head = _colour_copying_layers(1)
     with torch.no_grad():
-        conv.weight.zero_()
-        conv.bias.zero_()
-        for k in range(3):
-            conv.weight[k, k] = 1.0
         conv.weight[3] = 1.0
         conv.bias[3] = -2.5
-        head.weight.zero_()
-        head.bias.zero_()
-        for k in range(3):
-            head.weight[k, k] = 10.0
         head.weight[0, 3] = 3000.0
     net = nn.Sequential(conv, ActivationSite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
     return Classifier(net, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), ["net.1"])
+
+
+def _colour_copying_layers(kernel: int) -> tuple[nn.Conv2d, nn.Linear]:
+    """A conv whose channels 0-2 copy the colour channels (channel 3 left at zero) and a head voting for
+    the dominant colour: the clean part of the toy models."""
+    conv, head = nn.Conv2d(3, 4, kernel, padding=kernel // 2), nn.Linear(4, 3)
+    with torch.no_grad():
+        for layer in (conv, head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        for k in range(3):
+            conv.weight[k, k, kernel // 2, kernel // 2] = 1.0
+            head.weight[k, k] = 10.0
+    return conv, head
 
 
 def toy_data(n=300, seed=0, trigger=False):
@@ -368,7 +373,7 @@ def test_weights_alone_are_deployed_with_the_same_bounds_kept_for_the_audit():
 
 def test_a_flip_only_audit_keeps_samples_whose_bounded_prediction_keeps_the_label():
     model, (_, syn) = toy_backdoored_model(), _poisoned_toy_set()
-    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95)
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, blur_sigma=None)  # bounds alone
     ctx = _ctx(syn)
     defense.before_round(model, 0, ctx)
     flags, _ = defense.audit(model, 0, [], ctx)
@@ -386,7 +391,8 @@ def test_a_margin_cut_keeps_flags_whose_label_margin_the_bounds_cut_by_that_shar
     from fl_core.metrics import logits
 
     model, (_, syn) = toy_backdoored_model(), _poisoned_toy_set()
-    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, audit_z=1.0, margin_cut=0.0)
+    defense = DEFENSES.get("actaudit")(steps=200, lr=0.1, target_agreement=0.95, audit_z=1.0, margin_cut=0.0,
+                                       blur_sigma=None)  # the bounds' signal alone
     ctx = _ctx(syn)
     defense.before_round(model, 0, ctx)
     flags, _ = defense.audit(model, 0, [], ctx)  # the robust z alone
@@ -400,3 +406,58 @@ def test_a_margin_cut_keeps_flags_whose_label_margin_the_bounds_cut_by_that_shar
     assert 0 < cut.sum() < flags.sum() and torch.equal(cut, flags & (free - bounded >= free.abs()))
     with pytest.raises(ValueError, match="margin_cut"):
         DEFENSES.get("actaudit")(margin_cut=1.5)
+
+
+def toy_blend_model() -> Classifier:
+    """Channels 0-2 copy the colour channels; channel 3 fires on a pixel-level checkerboard (a global,
+    high-frequency trigger, as blend's noise) and votes hard for class 0."""
+    conv, head = _colour_copying_layers(3)
+    checker = (torch.arange(3)[:, None] + torch.arange(3)[None, :]) % 2 * 2.0 - 1.0
+    with torch.no_grad():
+        conv.weight[3] = checker / 27
+        conv.bias[3] = -0.08
+        head.weight[0, 3] = 1000.0
+    net = nn.Sequential(conv, nn.ReLU(), ActivationSite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    return Classifier(net, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), ["net.2"])
+
+
+def _blended_toy_set():
+    clean, poisoned = toy_data(270), toy_data(30, seed=3)
+    h, w = poisoned.images.shape[-2:]
+    checker = ((torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2 * 2 - 1) * 40
+    triggered = (poisoned.images.int() + checker).clamp(0, 255).to(torch.uint8)
+    return ImageData(torch.cat([clean.images, triggered]), torch.cat([clean.labels, torch.zeros(30).long()]),
+                     clean.classes)
+
+
+@pytest.mark.parametrize("blur_sigma", [None, 0.5])
+def test_a_blur_audit_flags_samples_whose_label_a_slight_blur_removes(blur_sigma):
+    model, syn = toy_blend_model(), _blended_toy_set()
+    assert (predict(model, syn.images[270:], 100, torch.device("cpu")) == 0).all()  # the trigger works
+    # the belief signal without teachers scores nothing: the blur is the only signal here
+    defense = DEFENSES.get("actaudit")(steps=50, lr=0.1, signals="belief", blur_sigma=blur_sigma)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    flags, summary = defense.audit(model, 0, [], ctx)
+    if blur_sigma is None:
+        assert not flags.any() and "blur_flags" not in summary
+    else:
+        assert flags[270:].float().mean() >= 0.9 and flags[:270].float().mean() <= 0.02
+        assert summary["blur_flags"] == int(flags.sum())
+    with pytest.raises(ValueError, match="blur_sigma"):
+        DEFENSES.get("actaudit")(blur_sigma=0.0)
+
+
+def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tiny_root, tmp_path, capsys):
+    import yaml
+
+    from benchmarks.filter_diagnostic import main
+    from tests.conftest import TINY_OVERRIDES
+    from fl_core.config import deep_merge
+
+    cfg = deep_merge(TINY_OVERRIDES, {"runtime": {"data_root": str(tiny_root), "cache_dir": str(tmp_path / "cache"),
+                                                  "progress": False}, "synthetic": {"size": 40}})
+    (tmp_path / "cell.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(tmp_path / "cell.yaml"), "--z", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "of 40 synthetic samples poisoned" in out and "| channel 3.0 |" in out and "| element 3.0 |" in out
