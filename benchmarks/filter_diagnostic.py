@@ -1,9 +1,12 @@
-"""How well does the abnormal-activation filter of ``actbound`` find the poisoned synthetic samples?
+"""How well do the abnormal-activation filter of ``actbound`` and the blur signal of ``actaudit``'s audit
+find the poisoned synthetic samples?
 
 ``python -m benchmarks.filter_diagnostic [--config cell.yaml] [--set k=v ...]`` pre-trains the global
-model on the attacked synthetic set exactly as the FL loop does, runs the filter (which sees no
-labels of poisoning) and scores it against the attack's ground truth, which only this diagnostic
-knows: recall and false-positive rate per threshold, and per-site score medians.
+model on the attacked synthetic set exactly as the FL loop does, runs the filter and the blur signal
+(neither sees which samples are poisoned) and scores them against the attack's ground truth, which only
+this diagnostic knows: recall and false-positive rate per threshold or blur sigma, and per-site score
+medians. The blur signal flags as ``actaudit`` does (robust z of the label-margin drop under the blur
+above ``audit_z``, and at least ``margin_cut`` of the margin lost; its defaults).
 """
 from __future__ import annotations
 
@@ -21,13 +24,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_arguments(parser)
     parser.add_argument("--z", type=float, action="append", help="thresholds (default 2.5, 3.5, 5)")
+    parser.add_argument("--sigma", type=float, action="append", help="blur sigmas (default 0.5, 0.7, 1.0)")
     args = parser.parse_args(argv)
     args.overrides = ["attack.name=fm", *args.overrides]
     cfg = cell_config(args)
 
     from attacks import ATTACKS, make_trigger
     from attacks.poisoning import poison_indices
-    from defenses.actbound import abnormal_samples, robust_z
+    from defenses import DEFENSES
+    from defenses.actaudit import blur_margin_drop
+    from defenses.actbound import abnormal_samples, class_margins, robust_z
+    from fl_core.metrics import logits
     from fl_core.activations import channel_peaks, site_outputs
     from fl_core.fl import StageCache, initial_models, prepare, pretrain
     from fl_core.synthetic import synthetic_set
@@ -56,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     for site in sites:
         score = robust_z(peaks[site]).amax(1)
         print(f"| {site} | {score[~truth].median():.2f} | {score[truth].median():.2f} |")
+    labels, device = poisoned.labels.cpu(), setup.device
+    margin = class_margins(logits(model, poisoned.images, 500, device), labels)
+    print("\n| blur sigma | flagged | recall | false-positive rate |\n|---|---|---|---|")
+    for sigma in args.sigma or [0.5, 0.7, 1.0]:
+        drop = blur_margin_drop(model, poisoned.images, labels, margin, sigma, device)
+        flagged = DEFENSES.get("actaudit")(blur_sigma=sigma).cut(robust_z(drop), drop, margin)
+        print(f"| {sigma} | {int(flagged.sum())} | {flagged[truth].float().mean():.3f} | "
+              f"{flagged[~truth].float().mean():.3f} |")
     return 0
 
 

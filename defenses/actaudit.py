@@ -57,6 +57,14 @@ def label_probability(models: list[nn.Module], images: torch.Tensor, labels: tor
     return torch.stack(probs).mean(0)
 
 
+def blur_margin_drop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor,
+                     sigma: float, device: torch.device) -> torch.Tensor:
+    """How much of each label's ``margin`` (the model's, on the uint8 ``images``) a Gaussian blur of
+    ``sigma`` pixels (kernel 2 round(2 sigma) + 1, batched) removes."""
+    k = 2 * round(2 * sigma) + 1
+    return margin - class_margins(logits(model, gaussian_blur(images, [k, k], [sigma, sigma]), 500, device), labels)
+
+
 @DEFENSES.register("actaudit")
 class AuditedActivationBounds(ActivationBounds):
     """``actbound`` (every parameter of it applies) plus constrained teachers, the audit and corrective
@@ -184,9 +192,7 @@ class AuditedActivationBounds(ActivationBounds):
             if self.require_flip:  # only samples whose label the bounds overturn
                 flags &= bounded < 0
         if self.blur_sigma is not None:
-            k = 2 * round(2 * self.blur_sigma) + 1
-            blurred = gaussian_blur(syn.images, [k, k], [self.blur_sigma, self.blur_sigma])
-            drop = unbounded - class_margins(logits(global_model, blurred, 500, ctx.device), labels)
+            drop = blur_margin_drop(global_model, syn.images, labels, unbounded, self.blur_sigma, ctx.device)
             blur_flags = self.cut(robust_z(drop), drop, unbounded)
             summary["blur_flags"] = int(blur_flags.sum())
             flags |= blur_flags

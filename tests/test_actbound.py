@@ -461,3 +461,4 @@ def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tin
     assert main(["--config", str(tmp_path / "cell.yaml"), "--z", "3"]) == 0
     out = capsys.readouterr().out
     assert "of 40 synthetic samples poisoned" in out and "| channel 3.0 |" in out and "| element 3.0 |" in out
+    assert "| 0.5 |" in out and "| 0.7 |" in out  # the blur signal's rows, one per default sigma
