@@ -68,29 +68,31 @@ def blur_margin_drop(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 @DEFENSES.register("actaudit")
 class AuditedActivationBounds(ActivationBounds):
     """``actbound`` (every parameter of it applies) plus constrained teachers, the audit and corrective
-    distillation. Parameters (defaults in brackets, chosen on the development seed 100, docs/DEFENSE.md):
-    audit_z [3.0]: flag threshold on the mean robust z of the signals; signals ["margin"], "belief" or
-    "both"; constrain_teachers [False]; correct [True]: corrective distillation of flagged samples
-    (False: they only leave fusion); reject_clients [True]: constrained aggregation, with client_z [10]
-    the threshold on the |robust z| of the log bound divergence; norm_ratio [2.0, seventh selection; null:
-    off]: also refuse a client whose parameter-update norm exceeds this multiple of the round's median (a
-    robust z is too sharp there: benign IID clients' norms agree so closely that their MAD is tiny);
-    target_agreement [0.98] of the bounds'
-    fit (``actbound``'s 0.95 lets them change 12-25 % of clean predictions on Fashion-MNIST); kept_trim
-    [null: trim]: trim of the bounds the model keeps after each round, fitted on the audited set (0: they
-    must preserve every unflagged sample); audit_passes [1]: audit -> refit passes per round;
-    require_flip [False]: flag only samples whose bounded prediction leaves their label; margin_cut [0.5,
-    sixth selection]: flag only samples whose label margin the bounds cut by at least this fraction of its
-    unbounded size (a robust z alone flags confident clean samples whose margin the bounds trim a little;
-    0: the z alone, the default up to the fifth selection); blur_sigma [0.5, eighth selection; null: off]:
-    also flag, by the same z and cut, samples whose label margin a Gaussian blur of this sigma (in pixels,
-    kernel 2 round(2 sigma) + 1) removes (a global high-frequency trigger the bounds do not cut); bounded_student
-    [False, fourth selection]: whether the student distils with its bounds on: false never, true always,
-    null in the rounds where the audit flagged samples and refitted the bounds (the second and third
-    selections' default); constrain_teachers clamps the student too, whatever bounded_student says;
-    deploy_bounds [False, fifth selection]: whether the model evaluated and kept after each round runs under
-    its bounds; false: the bounds serve the audit and the client rule only, the weights alone are the
-    defended model (true: the paper's clamped model, the default up to the fourth selection)."""
+    distillation. Parameters, [default] (chosen on development seeds, docs/DEFENSE.md):
+
+    - audit_z [3.0]: flag threshold on the mean robust z of the audit's signals.
+    - signals ["margin"]: the bounds' margin drop; "belief" (the clients' belief drop) or "both".
+    - margin_cut [0.5, sixth selection]: flag only samples that lose at least this share of their label's
+      margin (a robust z alone flags confident clean samples the bounds trim a little; 0: the z alone).
+    - blur_sigma [0.5, eighth selection; null: off]: also flag, by the same z and cut, samples whose label
+      margin a Gaussian blur of this many pixels removes (a global high-frequency trigger, as blend).
+    - require_flip [False]: flag only samples whose bounded prediction leaves their label.
+    - audit_passes [1]: audit -> refit passes per round.
+    - correct [True]: corrective distillation of flagged samples (False: they only leave fusion).
+    - reject_clients [True]: constrained aggregation; client_z [10]: threshold on the |robust z| of a
+      client's log bound divergence; norm_ratio [2.0, seventh selection; null: off]: also refuse a client
+      whose parameter-update norm exceeds this multiple of the round's median (a ratio, not a z: benign
+      IID clients' norms agree so closely that their MAD is tiny).
+    - target_agreement [0.98] of the bounds' fit (``actbound``'s 0.95 lets them change 12-25 % of clean
+      predictions on Fashion-MNIST); kept_trim [null: trim]: trim of the bounds kept after each round,
+      fitted on the audited set (0: they must preserve every unflagged sample).
+    - constrain_teachers [False]: clamp every teacher and the student while the server distils.
+    - bounded_student [False, fourth selection]: whether the student distils under its bounds: false
+      never, true always, null in the rounds whose audit flagged samples and refitted the bounds.
+    - deploy_bounds [False, fifth selection]: whether the model evaluated and kept after each round runs
+      under its bounds (true: the paper's clamped model); false: the bounds serve the audit and the
+      client rule, the weights alone are the defended model.
+    """
 
     consumes = frozenset({"synthetic", "updates"})
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
