@@ -28,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.overrides = ["attack.name=fm", *args.overrides]
     cfg = cell_config(args)
+    from defenses import DEFENSES
+
+    try:  # the audits the blur rows use, built (and so validated) before any compute
+        audits = {sigma: DEFENSES.get("actaudit")(blur_sigma=sigma) for sigma in args.sigma or [0.5, 0.7, 1.0]}
+    except ValueError as err:
+        parser.error(f"--sigma: {err}")
 
     from attacks import ATTACKS, make_trigger
     from attacks.poisoning import poison_indices
-    from defenses import DEFENSES
     from defenses.actaudit import blur_margin_drop
     from defenses.actbound import abnormal_samples, class_margins, robust_z
     from fl_core.metrics import logits
@@ -66,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     labels, device = poisoned.labels.cpu(), setup.device
     margin = class_margins(logits(model, poisoned.images, 500, device), labels)
     print("\n| blur sigma | flagged | recall | false-positive rate |\n|---|---|---|---|")
-    for sigma in args.sigma or [0.5, 0.7, 1.0]:
+    for sigma, audit in audits.items():
         drop = blur_margin_drop(model, poisoned.images, labels, margin, sigma, device)
-        flagged = DEFENSES.get("actaudit")(blur_sigma=sigma).cut(robust_z(drop), drop, margin)
+        flagged = audit.cut(robust_z(drop), drop, margin)
         print(f"| {sigma} | {int(flagged.sum())} | {flagged[truth].float().mean():.3f} | "
               f"{flagged[~truth].float().mean():.3f} |")
     return 0

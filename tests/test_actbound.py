@@ -462,3 +462,6 @@ def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tin
     out = capsys.readouterr().out
     assert "of 40 synthetic samples poisoned" in out and "| channel 3.0 |" in out and "| element 3.0 |" in out
     assert "| 0.5 |" in out and "| 0.7 |" in out  # the blur signal's rows, one per default sigma
+    with pytest.raises(SystemExit):  # an impossible sigma is refused before any compute
+        main(["--config", str(tmp_path / "cell.yaml"), "--sigma", "0"])
+    assert "--sigma: blur_sigma must be in (0, 5]" in capsys.readouterr().err
