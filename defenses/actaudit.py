@@ -187,6 +187,8 @@ class AuditedActivationBounds(ActivationBounds):
         if self.signals in ("both", "belief") and teachers:  # (a prototype without teachers: margin only)
             after = label_probability(teachers, syn.images, syn.labels, ctx.device)
             scores["belief"] = robust_z(self._broadcast[prototype] - after)
+        # each signal's count is its z alone, before the cut (as recorded since the first selection);
+        # blur_flags below counts the blur rule's flags after it
         summary = {f"{k}_flags": int((v > self.audit_z).sum()) for k, v in scores.items()}
         flags = torch.zeros(len(syn), dtype=torch.bool)
         if scores:
