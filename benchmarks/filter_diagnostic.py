@@ -1,12 +1,15 @@
-"""How well do the abnormal-activation filter of ``actbound`` and the blur signal of ``actaudit``'s audit
-find the poisoned synthetic samples?
+"""How well do the abnormal-activation filter of ``actbound`` and the blur and occlusion signals of
+``actaudit``'s audit find the poisoned synthetic samples?
 
 ``python -m benchmarks.filter_diagnostic [--config cell.yaml] [--set k=v ...]`` pre-trains the global
 model on the attacked synthetic set exactly as the FL loop does, runs the filter and the blur signal
 (neither sees which samples are poisoned) and scores them against the attack's ground truth, which only
 this diagnostic knows: recall and false-positive rate per threshold or blur sigma, and per-site score
 medians. The blur signal flags as ``actaudit`` does (robust z of the label-margin drop under the blur
-above ``audit_z``, and at least ``margin_cut`` of the margin lost; its defaults).
+above ``audit_z``, and at least ``margin_cut`` of the margin lost; its defaults). The occlusion signal
+needs flags to start from: it is given a random share of the poisoned samples (``--given``; what a
+partial first audit finds) or 100 random clean ones (what an attack-free audit may flag), and scored on
+what it adds, at ``actaudit``'s default ``occlusion_share``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     add_cell_arguments(parser)
     parser.add_argument("--z", type=float, action="append", help="thresholds (default 2.5, 3.5, 5)")
     parser.add_argument("--sigma", type=float, action="append", help="blur sigmas (default 0.5, 0.7, 1.0)")
+    parser.add_argument("--given", type=float, action="append",
+                        help="shares of the poison given to the occlusion signal as flags (default 0.15, 0.5)")
     args = parser.parse_args(argv)
+    if any(not 0 < g <= 1 for g in args.given or []):
+        parser.error(f"--given: each share must be in (0, 1], got {args.given}")
     args.overrides = ["attack.name=fm", *args.overrides]
     cfg = cell_config(args)
     from defenses import DEFENSES
@@ -75,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         drop = blur_margin_drop(model, poisoned.images, labels, margin, sigma, device)
         flagged = audit.cut(robust_z(drop), drop, margin)
         print(f"| {sigma} | {int(flagged.sum())} | {flagged[truth].float().mean():.3f} | "
+              f"{flagged[~truth].float().mean():.3f} |")
+    occlusion = DEFENSES.get("actaudit")()
+    draw = torch.rand(len(truth), generator=torch.Generator().manual_seed(cfg.seed))
+    clean_given = torch.zeros_like(truth)
+    clean_given[(~truth).nonzero().flatten()[torch.randperm(int((~truth).sum()), generator=torch.Generator()
+                                                           .manual_seed(cfg.seed))[:100]]] = True
+    print(f"\n| occlusion (share {occlusion.occlusion_share}), flags given | occluded pixels | flagged | "
+          "recall | false-positive rate (the given flags included) |\n|---|---|---|---|---|")
+    for name, given in [*((f"{g:.0%} of the poison", truth & (draw < g)) for g in args.given or [0.15, 0.5]),
+                        ("100 clean samples", clean_given)]:
+        flagged, pixels = occlusion.occlusion_audit(model, poisoned.images, labels, margin, given, device)
+        flagged |= given
+        print(f"| {name} | {pixels} | {int(flagged.sum())} | {flagged[truth].float().mean():.3f} | "
               f"{flagged[~truth].float().mean():.3f} |")
     return 0
 

@@ -15,8 +15,12 @@
    selection: the z alone also flags confident clean samples that the bounds only trim). The same rule
    on the margin drop under a slight Gaussian blur of the image (``blur_sigma``, eighth selection) flags
    too: a global, high-frequency trigger (blend) raises no abnormal activation for the bounds to cut, but
-   a blur that leaves a clean image's class alone erases it. Once flagged, always flagged; the bounds are
-   then refitted (``refine_steps``) without having to preserve the flagged samples.
+   a blur that leaves a clean image's class alone erases it. And once enough samples are flagged, the
+   pixels nearly all of them share and the rest of the set does not (a stamped trigger) are replaced by
+   the set's per-pixel median, and the same rule on the margin drop under that occlusion flags every
+   sample whose label rests on those pixels (``occlusion_share``, ninth selection): the high-precision
+   first flags find the rest of the poison. Once flagged, always flagged; the bounds are then refitted
+   (``refine_steps``) without having to preserve the flagged samples.
 3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
    and without the global model's bounds, and the KL between the two outputs is its *bound
    divergence*. A client whose divergence is abnormal either way (|robust z| of its log over the round's
@@ -57,12 +61,30 @@ def label_probability(models: list[nn.Module], images: torch.Tensor, labels: tor
     return torch.stack(probs).mean(0)
 
 
+def margin_drop(model: nn.Module, changed: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """How much of each label's ``margin`` (the model's, on the original images) the model loses on the
+    ``changed`` images."""
+    return margin - class_margins(logits(model, changed, 500, device), labels)
+
+
 def blur_margin_drop(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor,
                      sigma: float, device: torch.device) -> torch.Tensor:
     """How much of each label's ``margin`` (the model's, on the uint8 ``images``) a Gaussian blur of
     ``sigma`` pixels (kernel 2 round(2 sigma) + 1, batched) removes."""
     k = 2 * round(2 * sigma) + 1
-    return margin - class_margins(logits(model, gaussian_blur(images, [k, k], [sigma, sigma]), 500, device), labels)
+    return margin_drop(model, gaussian_blur(images, [k, k], [sigma, sigma]), labels, margin, device)
+
+
+def shared_pixels(images: torch.Tensor, flags: torch.Tensor, share: float, tolerance: float = 8.0,
+                  common: float = 0.5) -> torch.Tensor:
+    """(C, H, W) mask of the pixels where at least ``share`` of the flagged uint8 ``images`` hold one value
+    (their median, within ``tolerance`` levels) that at most ``common`` of all the images hold: where a
+    trigger stamped on every flagged image sits, and not a background the whole set shares."""
+    value = images[flags].float().median(0).values
+    def holding(x):
+        return ((x.float() - value).abs() <= tolerance).float().mean(0)
+    return (holding(images[flags]) >= share) & (holding(images) <= common)
 
 
 @DEFENSES.register("actaudit")
@@ -76,6 +98,10 @@ class AuditedActivationBounds(ActivationBounds):
       margin (a robust z alone flags confident clean samples the bounds trim a little; 0: the z alone).
     - blur_sigma [0.5, eighth selection; null: off]: also flag, by the same z and cut, samples whose label
       margin a Gaussian blur of this many pixels removes (a global high-frequency trigger, as blend).
+    - occlusion_share [0.9, ninth selection; null: off]: with at least ``OCCLUSION_MIN_FLAGS`` samples
+      flagged (this round or before), the pixels where this share of them hold one value that at most half
+      the set holds are occluded with the set's per-pixel median; samples whose label margin the occlusion
+      removes are flagged by the same z and cut (the rest of a stamped trigger's poison).
     - require_flip [False]: flag only samples whose bounded prediction leaves their label.
     - audit_passes [1]: audit -> refit passes per round.
     - correct [True]: corrective distillation of flagged samples (False: they only leave fusion).
@@ -95,17 +121,19 @@ class AuditedActivationBounds(ActivationBounds):
     """
 
     consumes = frozenset({"synthetic", "updates"})
+    OCCLUSION_MIN_FLAGS = 50  # fewer flagged images share some pixel value by chance (~0.5^(0.9 n) per pixel)
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
                        "require_flip": False, "bounded_student": None,
                        "deploy_bounds": True, "margin_cut": 0.0,
-                       "norm_ratio": None, "blur_sigma": None}  # added after results were published
+                       "norm_ratio": None, "blur_sigma": None,
+                       "occlusion_share": None}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
                  require_flip: bool = False, bounded_student: bool | None = False, deploy_bounds: bool = False,
                  margin_cut: float = 0.5, norm_ratio: float | None = 2.0, blur_sigma: float | None = 0.5,
-                 **bounds):
+                 occlusion_share: float | None = 0.9, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
@@ -114,6 +142,9 @@ class AuditedActivationBounds(ActivationBounds):
                              f"got {norm_ratio}")
         if blur_sigma is not None and not 0 < blur_sigma <= 5:
             raise ValueError(f"blur_sigma must be in (0, 5] pixels or null, got {blur_sigma}")
+        if occlusion_share is not None and not 0.5 < occlusion_share <= 1:
+            raise ValueError(f"occlusion_share must be in (0.5, 1] (a share of the flagged samples) or null, "
+                             f"got {occlusion_share}")
         if signals not in SIGNALS:
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
         if kept_trim is not None and not 0 <= kept_trim < 1:
@@ -126,7 +157,7 @@ class AuditedActivationBounds(ActivationBounds):
         self.reject_clients, self.client_z, self.norm_ratio = reject_clients, client_z, norm_ratio
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
         self.bounded_student, self.deploy_bounds, self.margin_cut = bounded_student, deploy_bounds, margin_cut
-        self.blur_sigma = blur_sigma
+        self.blur_sigma, self.occlusion_share = blur_sigma, occlusion_share
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -172,8 +203,9 @@ class AuditedActivationBounds(ActivationBounds):
         return agg.admit(admitted) if len(admitted) < len(agg.updates) else agg
 
     def audit(self, global_model, prototype: int, teachers: list[nn.Module], ctx) -> tuple[torch.Tensor, dict]:
-        """(flags over the synthetic set, summary) from the margin drop under the bounds, the belief drop
-        and the margin drop under a blur."""
+        """(flags over the synthetic set, summary) from the margin drop under the bounds, the belief drop,
+        the margin drop under a blur and, given these and earlier rounds' flags, under an occlusion of the
+        pixels the flagged samples share."""
         syn, state = ctx.synthetic, self._states[prototype]
         labels = syn.labels.cpu()
         state.enabled = False
@@ -200,7 +232,26 @@ class AuditedActivationBounds(ActivationBounds):
             blur_flags = self.cut(robust_z(drop), drop, unbounded)
             summary["blur_flags"] = int(blur_flags.sum())
             flags |= blur_flags
+        known = flags | self._flagged[prototype] if prototype in self._flagged else flags
+        if self.occlusion_share is not None and known.sum() >= self.OCCLUSION_MIN_FLAGS:
+            occlusion_flags, pixels = self.occlusion_audit(global_model, syn.images, labels, unbounded, known,
+                                                           ctx.device)
+            summary["occluded_pixels"] = pixels
+            if pixels:
+                summary["occlusion_flags"] = int(occlusion_flags.sum())
+                flags |= occlusion_flags
         return flags, summary
+
+    def occlusion_audit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor,
+                        known: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+        """(flags, number of occluded pixels): the pixels the ``known`` flagged images share
+        (``shared_pixels`` at ``occlusion_share``) are replaced by the set's per-pixel median, and the
+        samples whose label ``margin`` the occlusion removes are flagged by ``cut``."""
+        mask = shared_pixels(images, known.to(images.device), self.occlusion_share)
+        if not mask.any():
+            return torch.zeros(len(images), dtype=torch.bool), 0
+        drop = margin_drop(model, torch.where(mask, images.median(0).values, images), labels, margin, device)
+        return self.cut(robust_z(drop), drop, margin), int(mask.sum())
 
     def cut(self, z: torch.Tensor, drop: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         """Samples whose score ``z`` exceeds ``audit_z`` and whose label ``margin`` loses at least the share

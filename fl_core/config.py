@@ -268,6 +268,7 @@ class CellConfig:
             for provider, placeholder in UNUSED_PROVIDER_KEY.items():
                 if self.synthetic.provider != provider:
                     out["synthetic"][provider] = placeholder
+            _key_plugin_params(out)
         if not with_runtime:
             out.pop("runtime")
         return out
@@ -280,6 +281,20 @@ class CellConfig:
         """Short content hash of everything that changes results (runtime excluded)."""
         canon = json.dumps(self.to_dict(with_runtime=False, for_key=True), sort_keys=True, default=str)
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
+
+
+def _key_plugin_params(out: dict[str, Any]) -> None:
+    """In a key's dict, each registered plugin's parameters less those at their ``omit_at_default``
+    (``fl_core.hooks.without_omitted``); the config itself keeps them, so that validating it again
+    cannot swap a pinned old value for a newer class default."""
+    from fl_core.hooks import without_omitted
+    from fl_core.plugins import registries
+
+    reg = registries()
+    for section, registry in (("attack", reg.attacks), ("defense", reg.defenses)):
+        for entry in out[section] if isinstance(out[section], list) else [out[section]]:
+            if entry["name"] in registry:
+                entry["params"] = without_omitted(registry.get(entry["name"]), entry["params"])
 
 
 def _plain(obj: Any, for_key: bool) -> Any:
@@ -465,7 +480,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     compute. Types, ranges and choices of single fields were checked when the config was built."""
     from fl_core import models, synthetic
     from fl_core.data import apply_trigger, dataset_facts
-    from fl_core.hooks import describe
+    from fl_core.hooks import public_params
     from fl_core.plugins import registries
 
     reg = registries()
@@ -561,7 +576,7 @@ def validate(cfg: CellConfig) -> CellConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}.params: {err}") from err
         # every parameter explicit (defaults filled in), so equal cells hash equally
-        plugin.params = {k: v for k, v in describe(instance).items() if k != "name"}
+        plugin.params = public_params(instance, constructor_only=True)
         needs = getattr(instance, "requires_provider", None)
         _check(needs is None or s.provider == needs, "synthetic.provider",
                f"{key} {plugin.name!r} queries the FM itself and needs provider {needs!r}, got {s.provider!r}")

@@ -7,6 +7,7 @@ its own state) and never test data: no hook's arguments carry it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -337,13 +338,27 @@ class DefenseChain(Defense):
         return {"name": self.name, "chain": [m.describe() for m in self.members]}
 
 
-def describe(plugin) -> dict:
-    """A plugin's registered name and its public, JSON-friendly parameters; a parameter listed in the
-    plugin's ``omit_at_default`` (added after results were published) is left out while at that default,
-    so earlier cells keep their config keys."""
-    omit = getattr(plugin, "omit_at_default", {})
+def public_params(plugin, constructor_only: bool = False) -> dict:
+    """A plugin's public, JSON-friendly parameters, every one explicit; with ``constructor_only``, only
+    those its constructor takes (what a validated config holds, to build it again)."""
     params = {k: v for k, v in vars(plugin).items()
-              if not k.startswith("_") and k not in ("backdoor", "trigger", "fm")
-              and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))
-              and not (k in omit and v == omit[k])}
-    return {"name": plugin.name, **params}
+              if not k.startswith("_") and k not in ("backdoor", "trigger", "fm", "name")
+              and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
+    if constructor_only:
+        signature = inspect.signature(type(plugin)).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in signature):
+            params = {k: v for k, v in params.items() if k in {p.name for p in signature}}
+    return params
+
+
+def without_omitted(plugin_class, params: dict) -> dict:
+    """``params`` less those listed in the plugin's ``omit_at_default`` (added after results were
+    published) that hold that value: what a config key and a record's description leave out, so that
+    earlier cells keep their keys. A config keeps them explicit: the class default may differ."""
+    omit = getattr(plugin_class, "omit_at_default", {})
+    return {k: v for k, v in params.items() if not (k in omit and v == omit[k])}
+
+
+def describe(plugin) -> dict:
+    """A plugin's registered name and its public parameters, less those at their ``omit_at_default``."""
+    return {"name": plugin.name, **without_omitted(plugin, public_params(plugin))}

@@ -448,6 +448,46 @@ def test_a_blur_audit_flags_samples_whose_label_a_slight_blur_removes(blur_sigma
         DEFENSES.get("actaudit")(blur_sigma=0.0)
 
 
+@pytest.mark.parametrize("occlusion_share, known, expect_spread", [
+    (0.9, 60, True), (None, 60, False), (0.9, 40, False)])  # off; or too few flags to estimate a trigger from
+def test_an_occlusion_audit_spreads_earlier_flags_to_the_rest_of_a_stamped_trigger_poison(
+        occlusion_share, known, expect_spread):
+    clean, poisoned = toy_data(200), toy_data(100, seed=3, trigger=True)
+    syn = ImageData(torch.cat([clean.images, poisoned.images]), torch.cat([clean.labels, torch.zeros(100).long()]),
+                    clean.classes)
+    # the belief signal without teachers scores nothing and the blur is off: earlier flags and the occlusion only
+    defense = DEFENSES.get("actaudit")(steps=50, lr=0.1, signals="belief", blur_sigma=None,
+                                       occlusion_share=occlusion_share)
+    ctx = _ctx(syn)
+    defense.before_round(toy_backdoored_model(), 0, ctx)
+    defense._flagged[0] = torch.zeros(300, dtype=torch.bool)
+    defense._flagged[0][200:200 + known] = True  # an earlier round's flags: part of the poison
+    flags, summary = defense.audit(toy_backdoored_model(), 0, [], ctx)
+    if expect_spread:
+        assert summary["occluded_pixels"] == 12  # the 2x2 white patch, 3 channels
+        assert flags[200:].float().mean() >= 0.95 and flags[:200].float().mean() <= 0.02
+        assert summary["occlusion_flags"] == int(flags.sum())
+    else:
+        assert not flags.any() and "occlusion_flags" not in summary
+    with pytest.raises(ValueError, match="occlusion_share"):
+        DEFENSES.get("actaudit")(occlusion_share=0.3)
+
+
+def test_shared_pixels_are_the_flagged_images_common_value_that_the_set_lacks():
+    from defenses.actaudit import shared_pixels
+
+    images = torch.zeros(100, 1, 4, 4, dtype=torch.uint8)  # a background every image shares
+    images[:, 0, 0] = (torch.arange(100) * 2).to(torch.uint8)[:, None]  # a row that varies
+    images[:40, 0, 3, 3] = 250  # a stamp on the first 40, 3 of them flagged ones off by more than the tolerance
+    images[:3, 0, 3, 3] = 200
+    flags = torch.zeros(100, dtype=torch.bool)
+    flags[:40] = True
+    expected = torch.zeros(1, 4, 4, dtype=torch.bool)
+    expected[0, 3, 3] = True
+    assert torch.equal(shared_pixels(images, flags, 0.9), expected)
+    assert not shared_pixels(images, flags, 0.95).any()  # 37 of 40 hold it: below that share
+
+
 def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tiny_root, tmp_path, capsys):
     import yaml
 
@@ -462,6 +502,10 @@ def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tin
     out = capsys.readouterr().out
     assert "of 40 synthetic samples poisoned" in out and "| channel 3.0 |" in out and "| element 3.0 |" in out
     assert "| 0.5 |" in out and "| 0.7 |" in out  # the blur signal's rows, one per default sigma
+    assert "| 15% of the poison |" in out and "| 50% of the poison |" in out and "| 100 clean samples |" in out
     with pytest.raises(SystemExit):  # an impossible sigma is refused before any compute
         main(["--config", str(tmp_path / "cell.yaml"), "--sigma", "0"])
     assert "--sigma: blur_sigma must be in (0, 5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "cell.yaml"), "--given", "0"])
+    assert "--given: each share must be in (0, 1]" in capsys.readouterr().err

@@ -89,6 +89,19 @@ def test_published_keys_stay_and_only_the_provider_in_use_enters_a_key():
                 load_config(None, ["synthetic.provider=ddpm", "synthetic.ddpm.guidance_scale=2"]).key()}) == 4
 
 
+def test_a_plugin_parameter_pinned_at_its_pre_publication_value_survives_revalidation():
+    """``norm_ratio: null`` (``actaudit``'s behaviour before the parameter existed, left out of keys) must
+    stay null when a validated config is serialised and validated again (as a grid worker or a rerun from
+    a record does), not turn into the class default 2.0; the key leaves it out either way."""
+    from fl_core.config import CellConfig, from_dict, validate
+
+    pinned = load_config(None, ["defense.name=actaudit", "defense.params={norm_ratio: null}"])
+    again = validate(from_dict(CellConfig, pinned.to_dict()))
+    assert pinned.defense.params["norm_ratio"] is None and again.defense.params["norm_ratio"] is None
+    assert again.key() == pinned.key() != load_config(None, ["defense.name=actaudit"]).key()
+    assert "norm_ratio" not in pinned.to_dict(for_key=True)["defense"]["params"]
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such/file.yaml")
