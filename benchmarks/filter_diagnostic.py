@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{flagged[~truth].float().mean():.3f} |")
     occlusion = DEFENSES.get("actaudit")()
     draw = torch.rand(len(truth), generator=torch.Generator().manual_seed(cfg.seed))
+    clean = (~truth).nonzero().flatten()
     clean_given = torch.zeros_like(truth)
-    clean_given[(~truth).nonzero().flatten()[torch.randperm(int((~truth).sum()), generator=torch.Generator()
-                                                           .manual_seed(cfg.seed))[:100]]] = True
+    clean_given[clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(cfg.seed))[:100]]] = True
     print(f"\n| occlusion (share {occlusion.occlusion_share}), flags given | occluded pixels | flagged | "
           "recall | false-positive rate (the given flags included) |\n|---|---|---|---|---|")
     for name, given in [*((f"{g:.0%} of the poison", truth & (draw < g)) for g in args.given or [0.15, 0.5]),
