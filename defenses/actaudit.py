@@ -19,7 +19,10 @@
    pixels nearly all of them share and the rest of the set does not (a stamped trigger) are replaced by
    the set's per-pixel median, and the same rule on the margin drop under that occlusion flags every
    sample whose label rests on those pixels (``occlusion_share``, ninth selection): the high-precision
-   first flags find the rest of the poison. Once flagged, always flagged; the bounds are then refitted
+   first flags find the rest of the poison. And a label most of whose samples the clients' ensemble, after
+   clean local training, believes at most half as much as the model they received (a trigger too subtle for
+   any image signal, as warp, that clean training erases) has those samples flagged
+   (``label_rejection``, tenth selection). Once flagged, always flagged; the bounds are then refitted
    (``refine_steps``) without having to preserve the flagged samples.
 3. **Constrained aggregation.** Each client model is run on a seeded probe of the synthetic set with
    and without the global model's bounds, and the KL between the two outputs is its *bound
@@ -102,6 +105,10 @@ class AuditedActivationBounds(ActivationBounds):
       flagged (this round or before), the pixels where this share of them hold one value that at most half
       the set holds are occluded with the set's per-pixel median; samples whose label margin the occlusion
       removes are flagged by the same z and cut (the rest of a stamped trigger's poison).
+    - label_rejection [0.5, tenth selection; null: off]: a sample is *rejected* when the clients' ensemble
+      (after clean local training) holds its label with at most half the probability the model they
+      received did; a label is rejected when at least this share of its samples are and that share is a
+      robust outlier among the labels (z > audit_z); the rejected samples of a rejected label are flagged.
     - require_flip [False]: flag only samples whose bounded prediction leaves their label.
     - audit_passes [1]: audit -> refit passes per round.
     - correct [True]: corrective distillation of flagged samples (False: they only leave fusion).
@@ -122,18 +129,19 @@ class AuditedActivationBounds(ActivationBounds):
 
     consumes = frozenset({"synthetic", "updates"})
     OCCLUSION_MIN_FLAGS = 50  # fewer flagged images share some pixel value by chance (~0.5^(0.9 n) per pixel)
+    REJECTED_BELIEF = 0.5  # a sample is rejected when the clients keep at most this share of the broadcast belief
     omit_at_default = {**ActivationBounds.omit_at_default, "kept_trim": None, "audit_passes": 1,
                        "require_flip": False, "bounded_student": None,
                        "deploy_bounds": True, "margin_cut": 0.0,
                        "norm_ratio": None, "blur_sigma": None,
-                       "occlusion_share": None}  # added after results were published
+                       "occlusion_share": None, "label_rejection": None}  # added after results were published
 
     def __init__(self, audit_z: float = 3.0, signals: str = "margin", constrain_teachers: bool = False,
                  correct: bool = True, reject_clients: bool = True, client_z: float = 10.0,
                  target_agreement: float = 0.98, kept_trim: float | None = None, audit_passes: int = 1,
                  require_flip: bool = False, bounded_student: bool | None = False, deploy_bounds: bool = False,
                  margin_cut: float = 0.5, norm_ratio: float | None = 2.0, blur_sigma: float | None = 0.5,
-                 occlusion_share: float | None = 0.9, **bounds):
+                 occlusion_share: float | None = 0.9, label_rejection: float | None = 0.5, **bounds):
         super().__init__(target_agreement=target_agreement, **bounds)
         if audit_z <= 0 or client_z <= 0:
             raise ValueError(f"audit_z and client_z must be > 0, got {audit_z} and {client_z}")
@@ -145,6 +153,9 @@ class AuditedActivationBounds(ActivationBounds):
         if occlusion_share is not None and not 0.5 < occlusion_share <= 1:
             raise ValueError(f"occlusion_share must be in (0.5, 1] (a share of the flagged samples) or null, "
                              f"got {occlusion_share}")
+        if label_rejection is not None and not 0 < label_rejection <= 1:
+            raise ValueError(f"label_rejection must be in (0, 1] (a share of a label's samples) or null, "
+                             f"got {label_rejection}")
         if signals not in SIGNALS:
             raise ValueError(f"signals {signals!r} unknown; valid: {', '.join(SIGNALS)}")
         if kept_trim is not None and not 0 <= kept_trim < 1:
@@ -157,7 +168,7 @@ class AuditedActivationBounds(ActivationBounds):
         self.reject_clients, self.client_z, self.norm_ratio = reject_clients, client_z, norm_ratio
         self.kept_trim, self.audit_passes, self.require_flip = kept_trim, audit_passes, require_flip
         self.bounded_student, self.deploy_bounds, self.margin_cut = bounded_student, deploy_bounds, margin_cut
-        self.blur_sigma, self.occlusion_share = blur_sigma, occlusion_share
+        self.blur_sigma, self.occlusion_share, self.label_rejection = blur_sigma, occlusion_share, label_rejection
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
@@ -168,7 +179,7 @@ class AuditedActivationBounds(ActivationBounds):
             self.fit(global_model, self.state_for(global_model, prototype, images), images, self.steps,
                      (ctx.seed, ctx.round, "broadcast"))
         super().before_round(global_model, prototype, ctx)  # bounds active only if broadcast: what clients get
-        if self.signals in ("both", "belief"):
+        if self.signals in ("both", "belief") or self.label_rejection is not None:
             self._broadcast[prototype] = label_probability([global_model], syn.images, syn.labels, ctx.device)
 
     def aggregate(self, agg, global_model, ctx):
@@ -204,8 +215,8 @@ class AuditedActivationBounds(ActivationBounds):
 
     def audit(self, global_model, prototype: int, teachers: list[nn.Module], ctx) -> tuple[torch.Tensor, dict]:
         """(flags over the synthetic set, summary) from the margin drop under the bounds, the belief drop,
-        the margin drop under a blur and, given these and earlier rounds' flags, under an occlusion of the
-        pixels the flagged samples share."""
+        the margin drop under a blur, the clients' rejection of a label and, given these and earlier rounds'
+        flags, the margin drop under an occlusion of the pixels the flagged samples share."""
         syn, state = ctx.synthetic, self._states[prototype]
         labels = syn.labels.cpu()
         state.enabled = False
@@ -216,8 +227,9 @@ class AuditedActivationBounds(ActivationBounds):
         scores = {}
         if self.signals in ("both", "margin"):
             scores["margin"] = robust_z(unbounded - bounded)
+        needs_after = teachers and (self.signals in ("both", "belief") or self.label_rejection is not None)
+        after = label_probability(teachers, syn.images, syn.labels, ctx.device) if needs_after else None
         if self.signals in ("both", "belief") and teachers:  # (a prototype without teachers: margin only)
-            after = label_probability(teachers, syn.images, syn.labels, ctx.device)
             scores["belief"] = robust_z(self._broadcast[prototype] - after)
         # each signal's count is its z alone, before the cut (as recorded since the first selection);
         # blur_flags below counts the blur rule's flags after it
@@ -232,6 +244,12 @@ class AuditedActivationBounds(ActivationBounds):
             blur_flags = self.cut(robust_z(drop), drop, unbounded)
             summary["blur_flags"] = int(blur_flags.sum())
             flags |= blur_flags
+        if self.label_rejection is not None and teachers:
+            rejection_flags, rejected = self.rejection_audit(self._broadcast[prototype], after, labels, ctx.num_classes)
+            summary["rejected_labels"] = rejected
+            if rejected:
+                summary["rejection_flags"] = int(rejection_flags.sum())
+                flags |= rejection_flags
         known = flags | self._flagged[prototype] if prototype in self._flagged else flags
         if self.occlusion_share is not None and known.sum() >= self.OCCLUSION_MIN_FLAGS:
             occlusion_flags, pixels = self.occlusion_audit(global_model, syn.images, labels, unbounded, known,
@@ -241,6 +259,18 @@ class AuditedActivationBounds(ActivationBounds):
                 summary["occlusion_flags"] = int(occlusion_flags.sum())
                 flags |= occlusion_flags
         return flags, summary
+
+    def rejection_audit(self, belief: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
+                        num_classes: int) -> tuple[torch.Tensor, list[int]]:
+        """(flags, rejected labels): a sample is rejected when the clients' probability of its label
+        (``after``) is at most ``REJECTED_BELIEF`` of the broadcast model's (``belief``); a label is rejected
+        when at least ``label_rejection`` of its samples are and that share is a robust outlier among the
+        labels (z > ``audit_z``); the rejected samples of the rejected labels are flagged."""
+        rejected = after <= self.REJECTED_BELIEF * belief
+        share = (torch.bincount(labels, weights=rejected.float(), minlength=num_classes)
+                 / torch.bincount(labels, minlength=num_classes).clamp_min(1))
+        suspect = (share >= self.label_rejection) & (robust_z(share) > self.audit_z)
+        return rejected & suspect[labels], suspect.nonzero().flatten().tolist()
 
     def occlusion_audit(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, margin: torch.Tensor,
                         known: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:

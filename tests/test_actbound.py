@@ -473,6 +473,54 @@ def test_an_occlusion_audit_spreads_earlier_flags_to_the_rest_of_a_stamped_trigg
         DEFENSES.get("actaudit")(occlusion_share=0.3)
 
 
+@pytest.mark.parametrize("label_rejection, teachers_forget, expect", [
+    (0.5, True, [0]), (None, True, None), (0.5, False, []), (0.7, True, [])])  # off; nothing forgotten; share < 0.7
+def test_a_label_whose_samples_the_clients_stop_believing_has_those_samples_flagged(
+        label_rejection, teachers_forget, expect):
+    from defenses.actaudit import label_probability
+
+    clean, triggered = toy_data(200), toy_data(200, seed=3, trigger=True)
+    poisoned = triggered.images[triggered.labels != 0][:100]  # other classes' images, relabelled to 0
+    syn = ImageData(torch.cat([clean.images, poisoned]), torch.cat([clean.labels, torch.zeros(100).long()]),
+                    clean.classes)  # label 0: ~67 clean samples and the 100 poisoned ones (60 %)
+    model, local = toy_backdoored_model(), toy_backdoored_model()
+    if teachers_forget:  # clean local training erased the trigger's vote
+        with torch.no_grad():
+            local.net[4].weight[0, 3] = 0.0
+    defense = DEFENSES.get("actaudit")(steps=50, lr=0.1, blur_sigma=None, occlusion_share=None,
+                                       label_rejection=label_rejection)
+    ctx = _ctx(syn)
+    defense.before_round(model, 0, ctx)
+    _, summary = defense.audit(model, 0, [local, copy.deepcopy(local)], ctx)
+    if expect is None:
+        assert "rejected_labels" not in summary
+        return
+    assert summary["rejected_labels"] == expect
+    assert summary.get("rejection_flags", 0) == (100 if expect else 0)
+    after = label_probability([local], syn.images, syn.labels, torch.device("cpu"))
+    flags, _ = defense.rejection_audit(defense._broadcast[0], after, syn.labels, 3)
+    assert flags[200:].all() == bool(expect) and not flags[:200].any()  # the poison and nothing else
+    with pytest.raises(ValueError, match="label_rejection"):
+        DEFENSES.get("actaudit")(label_rejection=0.0)
+
+
+def test_rejection_needs_a_majority_of_a_label_and_an_outlier_among_labels():
+    defense = DEFENSES.get("actaudit")(label_rejection=0.5)
+    labels = torch.arange(10).repeat_interleave(20)  # 10 labels x 20 samples
+    belief = torch.full((200,), 0.8)
+    after = belief.clone()
+    after[:14] = 0.4  # label 0: 70 % of its samples keep at most half the belief (0.4 <= 0.5 * 0.8)
+    after[20:28] = 0.39  # label 1: 40 %, an outlier among the labels but no majority
+    after[40:42] = 0.41  # label 2: 10 %, just above half the belief: not rejected
+    flags, rejected = defense.rejection_audit(belief, after, labels, 10)
+    assert rejected == [0] and flags.nonzero().flatten().tolist() == list(range(14))
+    after[60:80] = 0.1  # label 3 rejected entirely, as label 0: each still an outlier among ten labels
+    assert defense.rejection_audit(belief, after, labels, 10)[1] == [0, 3]
+    after[:] = 0.3  # every label rejected: none stands out among the labels, nothing flagged
+    flags, rejected = defense.rejection_audit(belief, after, labels, 10)
+    assert rejected == [] and not flags.any()
+
+
 def test_shared_pixels_are_the_flagged_images_common_value_that_the_set_lacks():
     from defenses.actaudit import shared_pixels
 

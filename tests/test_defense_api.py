@@ -223,6 +223,8 @@ def test_actaudit_refuses_bad_parameters_before_compute(tiny_config):
         tiny_config({"defense": {"name": "actaudit", "params": {"blur_sigma": 0}}})
     with pytest.raises(ConfigError, match="occlusion_share must be in .* got 0.3"):
         tiny_config({"defense": {"name": "actaudit", "params": {"occlusion_share": 0.3}}})
+    with pytest.raises(ConfigError, match="label_rejection must be in .* got 1.5"):
+        tiny_config({"defense": {"name": "actaudit", "params": {"label_rejection": 1.5}}})
     with pytest.raises(ConfigError, match="kept_trim must be in"):
         tiny_config({"defense": {"name": "actaudit", "params": {"kept_trim": 1.5}}})
     with pytest.raises(ConfigError, match="audit_passes must be >= 1"):
