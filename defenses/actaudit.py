@@ -227,7 +227,7 @@ class AuditedActivationBounds(ActivationBounds):
         scores = {}
         if self.signals in ("both", "margin"):
             scores["margin"] = robust_z(unbounded - bounded)
-        needs_after = teachers and (self.signals in ("both", "belief") or self.label_rejection is not None)
+        needs_after = bool(teachers) and (self.signals in ("both", "belief") or self.label_rejection is not None)
         after = label_probability(teachers, syn.images, syn.labels, ctx.device) if needs_after else None
         if self.signals in ("both", "belief") and teachers:  # (a prototype without teachers: margin only)
             scores["belief"] = robust_z(self._broadcast[prototype] - after)
