@@ -172,6 +172,11 @@ class AuditedActivationBounds(ActivationBounds):
         self._broadcast: dict[int, torch.Tensor] = {}  # label probability under the model the clients received
         self._teacher_handles: list = []
 
+    @property
+    def uses_client_belief(self) -> bool:
+        """Whether the audit compares the clients' belief in each label with the broadcast model's."""
+        return self.signals in ("both", "belief") or self.label_rejection is not None
+
     def before_round(self, global_model, prototype, ctx):
         syn = ctx.synthetic
         if prototype not in self._states and self.reject_clients:
@@ -179,7 +184,7 @@ class AuditedActivationBounds(ActivationBounds):
             self.fit(global_model, self.state_for(global_model, prototype, images), images, self.steps,
                      (ctx.seed, ctx.round, "broadcast"))
         super().before_round(global_model, prototype, ctx)  # bounds active only if broadcast: what clients get
-        if self.signals in ("both", "belief") or self.label_rejection is not None:
+        if self.uses_client_belief:
             self._broadcast[prototype] = label_probability([global_model], syn.images, syn.labels, ctx.device)
 
     def aggregate(self, agg, global_model, ctx):
@@ -227,8 +232,8 @@ class AuditedActivationBounds(ActivationBounds):
         scores = {}
         if self.signals in ("both", "margin"):
             scores["margin"] = robust_z(unbounded - bounded)
-        needs_after = bool(teachers) and (self.signals in ("both", "belief") or self.label_rejection is not None)
-        after = label_probability(teachers, syn.images, syn.labels, ctx.device) if needs_after else None
+        after = (label_probability(teachers, syn.images, syn.labels, ctx.device)
+                 if teachers and self.uses_client_belief else None)
         if self.signals in ("both", "belief") and teachers:  # (a prototype without teachers: margin only)
             scores["belief"] = robust_z(self._broadcast[prototype] - after)
         # each signal's count is its z alone, before the cut (as recorded since the first selection);
