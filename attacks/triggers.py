@@ -18,28 +18,42 @@ CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left", "random")
 class PatchTrigger:
     """BadNets square patch: ``size`` pixels, in a corner (``margin`` from the border) or at a random place.
 
-    ``pattern`` is ``white``, ``black`` or ``checkerboard`` (white/black alternating).
+    ``pattern`` is ``white``, ``black``, ``checkerboard`` (white/black alternating), ``color`` (every pixel
+    ``color``, RGB; its mean on grey images) or ``random`` (each pixel's colour drawn once by ``pattern_seed``).
     """
 
     local = True  # pasted pixels: augmentation pastes them again after cropping (fl_core.modules)
+    PATTERNS = ("white", "black", "checkerboard", "color", "random")
 
-    def __init__(self, size: int = 3, position: str = "bottom-right", pattern: str = "white", margin: int = 0):
+    def __init__(self, size: int = 3, position: str = "bottom-right", pattern: str = "white", margin: int = 0,
+                 color: tuple | list = (255, 0, 0), pattern_seed: int = 0):
         if size < 1 or margin < 0:
             raise ValueError(f"patch size must be >= 1 and margin >= 0, got size {size}, margin {margin}")
         if position not in CORNERS:
             raise ValueError(f"patch position {position!r} unknown; valid: {', '.join(CORNERS)}")
-        if pattern not in ("white", "black", "checkerboard"):
-            raise ValueError(f"patch pattern {pattern!r} unknown; valid: white, black, checkerboard")
+        if pattern not in self.PATTERNS:
+            raise ValueError(f"patch pattern {pattern!r} unknown; valid: {', '.join(self.PATTERNS)}")
+        if len(color) != 3 or not all(0 <= v <= 255 for v in color):
+            raise ValueError(f"patch color must be three values in 0-255 (RGB), got {color!r}")
         self.size, self.position, self.pattern, self.margin = size, position, pattern, margin
+        self.color, self.pattern_seed = list(color), pattern_seed
 
     def stamp(self, channels: int) -> torch.Tensor:
         """The patch pixels, uint8 (C, size, size)."""
+        s = self.size
         if self.pattern == "checkerboard":
-            ij = torch.arange(self.size)
+            ij = torch.arange(s)
             board = ((ij[:, None] + ij[None, :]) % 2 == 0).to(torch.uint8) * 255
             return board.expand(channels, -1, -1).clone()
+        if self.pattern == "random":
+            return torch.randint(0, 256, (channels, s, s), generator=torch_generator(self.pattern_seed, "patch"),
+                                 dtype=torch.uint8)
+        if self.pattern == "color":
+            colour = torch.tensor(self.color, dtype=torch.float)
+            colour = colour.mean(0, keepdim=True) if channels == 1 else colour
+            return colour.round().to(torch.uint8).view(-1, 1, 1).expand(channels, s, s).clone()
         value = 255 if self.pattern == "white" else 0
-        return torch.full((channels, self.size, self.size), value, dtype=torch.uint8)
+        return torch.full((channels, s, s), value, dtype=torch.uint8)
 
     def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """A triggered copy of uint8 images (N, C, H, W)."""

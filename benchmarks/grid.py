@@ -27,6 +27,7 @@ from typing import Annotated, Any, Callable
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from benchmarks import zoo
 from benchmarks.cli import (CONFIG_DIR, PLUGIN_HELP, add_budget_argument, add_stage_cache_argument, check_budget,
                             runtime_overrides, writable_folder)
 from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
@@ -62,8 +63,11 @@ class GridSpec:
     include: list[dict] = field(default_factory=list)
 
 
-def presets() -> list[str]:
-    return sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
+DEV_GRID_DIR = GRID_DIR / "dev"  # development grids (selections, probes): runnable by name, listed apart
+
+
+def presets(folder: Path = GRID_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 @pydantic_dataclass(config=ConfigDict(extra="forbid"))
@@ -109,6 +113,10 @@ def load_grid(path: str | Path) -> GridSpec:
 def check_rules(spec: GridSpec, where: Path | str) -> None:
     """Every ``exclude`` / ``include`` key must be an axis or a cell config key: a misspelled key would
     silently match nothing."""
+    if zoo.AXIS in spec.axes and "seed" in spec.axes:
+        raise ConfigError(f"{where}: a zoo draw fixes its cell's seed; drop the 'seed' axis beside 'zoo'")
+    if spec.include and zoo.AXIS in spec.axes:
+        raise ConfigError(f"{where}: 'include' cells cannot be combined with a 'zoo' axis")
     known = config_keys()
     for kind, rules in (("exclude", spec.exclude), ("include", spec.include)):
         for rule in rules:
@@ -136,10 +144,11 @@ def resolve_grid_path(preset: str | None, config: str | None) -> Path:
     if config:
         return Path(config)
     name = preset or "default"
-    path = GRID_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(presets())}")
-    return path
+    for folder in (GRID_DIR, DEV_GRID_DIR):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(presets())}; development: "
+                      f"{', '.join(presets(DEV_GRID_DIR))}")
 
 
 def _get(data: dict, dotted: str) -> Any:
@@ -199,17 +208,24 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = (), 
         raise ConfigError(f"grid {spec.name!r} defines no scales; --scale {scale} would change nothing")
     filters = [_filter(item) for item in only]
     base = deep_merge(spec.base, spec.scales.get(scale) or {})
-    names = list(spec.axes)
-    combos = [dict(zip(names, values)) for values in itertools.product(*spec.axes.values())] if names else [{}]
+    axes = {axis: zoo_values(values) if axis == zoo.AXIS else values for axis, values in spec.axes.items()}
+    names = list(axes)
+    combos = [dict(zip(names, values)) for values in itertools.product(*axes.values())] if names else [{}]
     combos += [dict(extra) for extra in spec.include]
     selected, passed = [], [[] for _ in filters]  # passed[i]: labels of the cells that pass filters 0..i-1
     for combo in combos:
         data = json.loads(json.dumps(base))
         for axis, value in combo.items():
-            _set(data, axis, {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value)
+            if axis != zoo.AXIS:
+                _set(data, axis, {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value)
+        draw = combo.get(zoo.AXIS)
+        if draw is not None:  # a zoo draw sets several sections, after the other axes
+            data = deep_merge(data, json.loads(json.dumps(draw.overrides)))
         for item in overrides:
             apply_override(data, item)
-        labels = {axis: label(value) for axis, value in combo.items()}
+        if draw is not None and not zoo.allowed(draw, data):
+            continue
+        labels = {axis: value.label if axis == zoo.AXIS else label(value) for axis, value in combo.items()}
         if any(_matches(rule, data, labels) for rule in spec.exclude):
             continue
         for i, (key, wanted) in enumerate(filters):
@@ -232,6 +248,14 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = (), 
             seen.add(cfg.key())
             cells.append(Cell(cfg, labels))
     return cells
+
+
+def zoo_values(values: list) -> list[zoo.Draw]:
+    """The ``zoo`` axis's values, each a ``{zoo, draws, n, threat}`` spec, as the draws they name."""
+    if not all(zoo.is_spec(v) for v in values):
+        raise ConfigError("axis 'zoo': every value must be a mapping {zoo: all|<family>, draws: dev|test, n: N, "
+                          "threat: fm|classic}")
+    return [d for v in values for d in zoo.expand_spec(v)]
 
 
 def _filter(item: str) -> tuple[str, set[str]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.grid import recorded_commands
+from benchmarks.zoo_report import cdf_plot, zoo_tables
 from fl_core.storage import read_json
 from fl_core.config import CellConfig, from_dict
 
@@ -289,7 +290,9 @@ def write_report(out: str | Path) -> list[Path]:
           grid.get("description", "").strip(), "", *command_lines(grid), "",
           f"Cells: {status}. Mean ± std over the finished seeds; each row's `seeds` column counts them.", ""]
     tex = []
-    tables = {"Summary": summary_table(cells, axes), **paper_tables(cells, axes),
+    zoo_axis = "zoo" in axes
+    tables = {**(zoo_tables(cells) if zoo_axis else {}), "Summary": summary_table(cells, axes),
+              **({} if zoo_axis else paper_tables(cells, axes)),
               "Pre-trained model (round 0; attack-free ACC = classification accuracy score of the synthetic set)":
                   pretrained_table(rounds, axes)}
     for title, table in tables.items():
@@ -309,6 +312,8 @@ def write_report(out: str | Path) -> list[Path]:
     (out / "tables.tex").write_text("\n".join(tex))
     written += [out / "tables.md", out / "tables.tex"]
     written += _plots(cells, rounds, axes, out)
+    if zoo_axis:
+        written += [p for p in [cdf_plot(cells, out / "zoo_cdf.png")] if p is not None]
     return written
 
 

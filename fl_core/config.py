@@ -479,7 +479,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     dataset's facts (read without decoding it), the device and the plugins' parameters, before any
     compute. Types, ranges and choices of single fields were checked when the config was built."""
     from fl_core import models, synthetic
-    from fl_core.data import apply_trigger, dataset_facts
+    from fl_core.data import apply_trigger, bind_trigger_pool, dataset_facts
     from fl_core.hooks import public_params
     from fl_core.plugins import registries
 
@@ -552,7 +552,9 @@ def validate(cfg: CellConfig) -> CellConfig:
     b.trigger.params = check_param_types(trigger_cls, b.trigger.params, "backdoor.trigger.params")
     try:
         probe = torch_zeros(facts.shape)  # does it fit the images?
-        apply_trigger(trigger_cls(**b.trigger.params), probe, probe.new_zeros(1).long())
+        trigger = trigger_cls(**b.trigger.params)
+        bind_trigger_pool(trigger, probe)
+        apply_trigger(trigger, probe, probe.new_zeros(1).long())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"backdoor.trigger: {err}") from err
     _check(len(cfg.defenses()) >= 1, "defense", "an empty list: name at least one defense (or {name: none})")

@@ -38,6 +38,13 @@ def apply_trigger(trigger, images: torch.Tensor, labels: torch.Tensor, seed: int
     return trigger.apply(images, seed=seed)
 
 
+def bind_trigger_pool(trigger, pool: torch.Tensor) -> None:
+    """Hand a trigger that draws from the public pool (``uses_pool``, e.g. Refool's reflections) the
+    pool's uint8 images; other triggers need nothing."""
+    if getattr(trigger, "uses_pool", False):
+        trigger.bind_pool(pool)
+
+
 @dataclass
 class Stamped:
     """Which samples of a set carry a pasted trigger (``mask``, bool (N,)), and the trigger, so that

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from fl_core.config import CellConfig
-from fl_core.data import (Dataset, ImageData, load_dataset, partition, resolve_data_root, stratified_split,
-                          training_loader)
+from fl_core.data import (Dataset, ImageData, bind_trigger_pool, load_dataset, partition, resolve_data_root,
+                          stratified_split, training_loader)
 from fl_core.hooks import Aggregation, ClientTraining, ClientUpdate, DefenseChain, FusionPlan, ServerContext, State
 from fl_core.metrics import backdoor_test_set, client_detection, evaluate, sample_detection
 from fl_core.models import build_model
@@ -270,6 +270,7 @@ class FederatedRun:
             raise NotImplementedError(f"defense {self.defense.name!r} compares parameters across clients and "
                                       "cannot apply to heterogeneous prototypes")
         request = setup.synthetic_request()
+        bind_trigger_pool(self.trigger, setup.public.images)
         self.attack.bind(cfg.backdoor, self.trigger, fm=request)
         synthetic, self.manifest = synthetic_set(request)
         self.syn = {stage: self.attack.poison_synthetic(synthetic, stage, self.seed).to(self.device)

@@ -14,11 +14,11 @@ TINY_CLASSES = ["circle", "cross", "square", "stripe"]
 
 
 def write_tiny_imagefolder(root: Path, name: str = "tiny", per_class: tuple[int, int] = (40, 10), size: int = 16,
-                           seed: int = 0) -> Path:
+                           seed: int = 0, classes: list[str] = TINY_CLASSES) -> Path:
     """Write ``<root>/<name>/{train,test}/<class>/*.png``: each class a colour tint plus noise (learnable)."""
     gen = torch.Generator().manual_seed(seed)
     for split, n in zip(("train", "test"), per_class):
-        for k, cls in enumerate(TINY_CLASSES):
+        for k, cls in enumerate(classes):
             folder = root / name / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):

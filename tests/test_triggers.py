@@ -54,3 +54,114 @@ def test_per_class_trigger_is_validated_in_configs():
     with pytest.raises(ConfigError, match="backdoor.trigger"):
         load_config(None, ["backdoor.trigger.kind=per_class",
                            'backdoor.trigger.params={"variants": [{"kind": "patch", "params": {"size": 99}}]}'])
+
+
+# ---------------------------------------------------------------- the zoo's trigger families
+
+from attacks.global_triggers import (FrequencyTrigger, LowFrequencyTrigger, QuantisationTrigger,  # noqa: E402
+                                     ReflectionTrigger, SinusoidalTrigger, dct_matrix, RGB_TO_YUV)
+
+
+def _images(n=8, c=3, size=32, seed=0):
+    return torch.randint(40, 216, (n, c, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_sig_adds_the_sinusoid_along_the_chosen_axis():
+    x = torch.full((2, 3, 32, 32), 128, dtype=torch.uint8)
+    out = SinusoidalTrigger(amplitude=20, frequency=4).apply(x).float() - 128
+    expected = (20 * torch.sin(2 * torch.pi * 4 * torch.arange(32) / 32)).round()
+    assert torch.equal(out[0, 1, 5], expected) and torch.equal(out[1, 2, 17], expected)  # every row the same
+    vertical = SinusoidalTrigger(amplitude=20, frequency=4, direction="vertical").apply(x).float() - 128
+    assert torch.equal(vertical[0, 0, :, 3], expected)
+    with pytest.raises(ValueError, match="amplitude"):
+        SinusoidalTrigger(amplitude=0)
+
+
+def test_lowfreq_pattern_has_no_energy_above_its_cutoff_and_is_seeded():
+    trig = LowFrequencyTrigger(alpha=0.2, cutoff=0.1, pattern_seed=3)
+    pattern = trig.pattern(3, 32, 32)
+    spectrum = torch.fft.fft2(pattern - pattern.mean(dim=(1, 2), keepdim=True)).abs()
+    fy, fx = torch.fft.fftfreq(32)[:, None], torch.fft.fftfreq(32)[None, :]
+    high = (fy ** 2 + fx ** 2).sqrt() > 0.1
+    assert spectrum[:, high].max() < 1e-3 * spectrum.max()
+    assert pattern.min() >= -1e-3 and pattern.max() <= 255 + 1e-3
+    x = _images()
+    assert torch.equal(trig.apply(x), trig.apply(x))
+    assert not torch.equal(trig.apply(x), LowFrequencyTrigger(pattern_seed=4).apply(x))
+
+
+def test_ftrojan_moves_the_chosen_dct_coefficients_of_the_chrominance_and_little_else():
+    x = _images()
+    out = FrequencyTrigger(magnitude=30, bands="both").apply(x)
+    assert (out.float() - x.float()).abs().max() <= 8  # invisible: a few grey levels
+    d = dct_matrix(32)
+    yuv = lambda im: torch.einsum("ij,njhw->nihw", RGB_TO_YUV, im.float())  # noqa: E731
+    diff = d @ (yuv(out) - yuv(x)) @ d.T
+    for s in (15, 31):
+        assert diff[:, 1:, s, s].sub(30).abs().max() < 6  # U and V moved by the magnitude (up to rounding)
+    assert diff[:, 0, 15, 15].abs().max() < 6  # luminance left (nearly) alone
+    grey = FrequencyTrigger(bands="mid").apply(_images(c=1, size=28))
+    assert grey.shape == (8, 1, 28, 28)
+    with pytest.raises(ValueError, match="window"):
+        FrequencyTrigger(window=5).apply(_images())
+
+
+def test_bpp_quantises_to_its_colour_depth_with_mean_preserving_dither():
+    x = _images(n=4)
+    plain = QuantisationTrigger(bits=3, dither="none").apply(x)
+    step = 255 / 7
+    levels = (plain.float() / step).round() * step
+    assert (plain.float() - levels).abs().max() <= 0.5
+    dithered = QuantisationTrigger(bits=3).apply(x)
+    assert len(torch.unique(dithered)) <= 8
+    assert abs(dithered.float().mean() - x.float().mean()) < 2  # error diffusion keeps the brightness
+    assert not torch.equal(dithered, plain)
+    with pytest.raises(ValueError, match="bits"):
+        QuantisationTrigger(bits=8)
+
+
+def test_refool_reflects_seeded_images_of_the_bound_pool():
+    pool, x = _images(n=20, seed=1), _images(seed=2)
+    trig = ReflectionTrigger(alpha=0.3, sigma=1.0, shift=2, pool_size=4, pool_seed=5)
+    with pytest.raises(ValueError, match="bind_pool"):
+        trig.apply(x)
+    trig.bind_pool(pool)
+    assert trig.reflections.shape == (4, 3, 32, 32)
+    a, b, c = trig.apply(x, seed=1), trig.apply(x, seed=1), trig.apply(x, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    no_blur = ReflectionTrigger(alpha=0.5, sigma=0, shift=0, pool_size=1, pool_seed=5)
+    no_blur.bind_pool(pool)
+    pick = torch.randperm(20, generator=__import__("fl_core.seeding", fromlist=["x"]).torch_generator(5, "refool-pool"))[0]
+    expected = (0.5 * x.float() + 0.5 * pool[pick].float()).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(no_blur.apply(x), expected)
+
+
+def test_patch_colour_and_random_colour_options():
+    x = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    red = PatchTrigger(size=2, pattern="color", color=[200, 10, 0]).apply(x)
+    assert red[0, :, 15, 15].tolist() == [200, 10, 0]
+    grey = PatchTrigger(size=2, pattern="color", color=[200, 10, 0]).apply(x[:, :1])
+    assert grey[0, 0, 15, 15] == 70
+    rand = PatchTrigger(size=3, pattern="random", pattern_seed=1)
+    assert torch.equal(rand.apply(x), rand.apply(x)) and len(torch.unique(rand.apply(x)[0, :, 13:, 13:])) > 3
+    assert not torch.equal(rand.apply(x), PatchTrigger(size=3, pattern="random", pattern_seed=2).apply(x))
+    with pytest.raises(ValueError, match="color"):
+        PatchTrigger(pattern="color", color=[300, 0, 0])
+
+
+@pytest.mark.parametrize("kind", ["sig", "lowfreq", "ftrojan", "bpp", "refool"])
+def test_new_families_validate_in_configs_and_refuse_bad_values(kind):
+    assert load_config(None, [f"backdoor.trigger.kind={kind}"]).backdoor.trigger.kind == kind
+    bad = {"sig": "amplitude: -1", "lowfreq": "cutoff: 0.9", "ftrojan": "bands: low", "bpp": "bits: 0",
+           "refool": "alpha: 1.5"}[kind]
+    with pytest.raises(ConfigError, match="backdoor.trigger"):
+        load_config(None, [f"backdoor.trigger.kind={kind}", f"backdoor.trigger.params={{{bad}}}"])
+
+
+def test_a_refool_cell_runs_with_reflections_from_its_public_pool(tiny_config):
+    from fl_core.fl import run_cell
+
+    cfg = tiny_config({"attack": {"name": "fm"}, "fl": {"rounds": 1},
+                       "backdoor": {"trigger": {"kind": "refool", "params": {"pool_size": 3}}}})
+    record = run_cell(cfg, log=lambda *_: None)
+    assert 0 <= record["metrics"]["asr"] <= 100
