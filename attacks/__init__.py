@@ -1,9 +1,8 @@
-"""Attacks, one file each, registered by name in ``ATTACKS``; third-party ones via entry point group ``fmfl.attacks``."""
+"""Attacks, one file each, registered by name in ``fl_core.registry.ATTACKS``; third-party ones via entry point
+group ``fmfl.attacks``."""
 from fl_core.hooks import Attack
 from fl_core.plugins import import_package_modules
-from fl_core.registry import Registry
-
-ATTACKS: Registry[type[Attack]] = Registry("attack", "fmfl.attacks")
+from fl_core.registry import ATTACKS
 
 
 @ATTACKS.register("none")

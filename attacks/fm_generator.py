@@ -9,9 +9,17 @@ from attacks import ATTACKS
 from attacks.fm import CompromisedFM
 from attacks.poisoning import poison_indices
 from fl_core.data import ImageData, apply_trigger
-from fl_core.synthetic import (cached_images, ddim_sample, ddpm_folder, ddpm_unet, fit_ddpm, load_ddpm, request_key,
-                               save_ddpm)
 from fl_core.seeding import torch_generator
+from fl_core.synthetic import (
+    cached_images,
+    ddim_sample,
+    ddpm_folder,
+    ddpm_unet,
+    fit_ddpm,
+    load_ddpm,
+    request_key,
+    save_ddpm,
+)
 
 
 @ATTACKS.register("fm-generator")

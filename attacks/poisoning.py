@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from fl_core.config import BackdoorConfig
 from fl_core.data import ImageData, Stamped, apply_trigger
 from fl_core.hooks import Attack
+from fl_core.schema import BackdoorConfig
 from fl_core.seeding import numpy_rng, torch_generator
 
 STAGES = ("both", "pretrain", "fusion")  # where a poisoned synthetic set is used

@@ -6,11 +6,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fl_core.config import TriggerConfig
-from fl_core.registry import Registry
+from fl_core.registry import TRIGGERS
+from fl_core.schema import TriggerConfig
 from fl_core.seeding import torch_generator
 
-TRIGGERS: Registry[type] = Registry("trigger", "fmfl.triggers")
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left", "random")
 
 

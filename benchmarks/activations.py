@@ -18,11 +18,11 @@ import torch
 from attacks import make_trigger
 from defenses.actbound import BoundState, attach_clamps
 from fl_core.activations import channel_peaks, site_outputs
-from fl_core.config import CellConfig, from_dict
 from fl_core.data import load_dataset
 from fl_core.fl import scored_test_set
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.models import build_model
+from fl_core.schema import CellConfig, from_dict
 
 
 def load_cell(cell: Path, data_root: str | None):

@@ -6,8 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from fl_core.config import CellConfig, ConfigError, load_config
+from fl_core.config import load_config
 from fl_core.registry import import_plugins
+from fl_core.schema import CellConfig, ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -51,11 +52,21 @@ def add_budget_argument(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse a cell whose rough CPU estimate exceeds this (default {DEFAULT_MAX_HOURS:g})")
 
 
+def estimate_seconds(cfg: CellConfig, throughput: float = 1900.0) -> float:
+    """A rough CPU estimate from the images the cell pushes through the default model (~1,900/s on 2 cores)."""
+    f = cfg.fl
+    pool = cfg.data.client_pool_size or 40000
+    per_round = pool * f.clients_per_round / f.num_clients * f.local_epochs
+    if f.fusion == "feddf":
+        per_round += cfg.fusion.steps * cfg.fusion.optim.batch_size * (1 + 0.45 * f.clients_per_round)
+    evals = (f.rounds // cfg.eval.every + 1) * 2 * (cfg.data.test_size or 10000) * 0.27
+    pre = cfg.pretrain.epochs * cfg.synthetic.size if cfg.pretrain.enabled else 0
+    return (pre + f.rounds * per_round + evals) / throughput + 5
+
+
 def check_budget(configs: list[CellConfig], max_hours: float) -> None:
     """A ConfigError, with the estimate, when a cell would run longer than ``max_hours`` (a typo such as
     ``fl.rounds=100000`` is caught before it occupies the machine for months)."""
-    from benchmarks.grid import estimate_seconds
-
     if max_hours <= 0:
         raise ConfigError(f"--max-hours must be > 0, got {max_hours}")
     worst = max(configs, key=estimate_seconds, default=None)

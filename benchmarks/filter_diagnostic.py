@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from attacks.poisoning import poison_indices
     from defenses.actaudit import blur_margin_drop
     from defenses.actbound import abnormal_samples, class_margins, robust_z
-    from fl_core.metrics import logits
     from fl_core.activations import channel_peaks, site_outputs
     from fl_core.fl import StageCache, initial_models, prepare, pretrain
+    from fl_core.metrics import logits
     from fl_core.synthetic import synthetic_set
 
     L.seed_everything(cfg.seed, verbose=False)

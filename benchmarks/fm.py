@@ -1,5 +1,6 @@
-"""The suite's own generative FM (issue 18): make everything a grid's cells sample, and show what it draws.
+"""The suite's own generative FM (issue 18): train it, make everything a grid's cells sample, and show what it draws.
 
+  python -m benchmarks.fm train-ddpm --config cell.yaml [--set k=v ...] [--retrain]
   python -m benchmarks.fm prepare --preset generated [--only data.dataset=cifar10]
   python -m benchmarks.fm samples --preset generated --out results/generated-cpu [--only ...]
   python -m benchmarks.fm quality --preset generated --out results/generated-cpu [--only ...]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,8 +30,9 @@ import torch
 
 from benchmarks.cli import runtime_overrides
 from benchmarks.grid import expand, load_grid, resolve_grid_path
-from fl_core.config import CellConfig, ConfigError, from_dict, validate
+from fl_core.config import load_config, validate
 from fl_core.data import ImageData
+from fl_core.schema import CellConfig, ConfigError, from_dict
 from fl_core.threads import parallel_cells, usable_cpus
 
 
@@ -52,7 +55,7 @@ def distinct(configs: list[CellConfig], *parts) -> list[CellConfig]:
 def train_all(configs: list[CellConfig], threads: int) -> list[Path]:
     """Train every distinct FM of ``configs`` that is not trained yet, then the compromised copies their
     ``fm-generator`` cells fine-tune (so that no cell trains one); their folders."""
-    from fl_core.synthetic import ddpm_training_settings, fm_training_request, train_fm
+    from fl_core.synthetic import ddpm_training_settings
 
     ddpm = [dataclasses.replace(c, runtime=dataclasses.replace(c.runtime, threads=threads))
             for c in configs if c.synthetic.provider == "ddpm"]
@@ -62,6 +65,27 @@ def train_all(configs: list[CellConfig], threads: int) -> list[Path]:
                         lambda c: c.attack.params, lambda c: dataclasses.asdict(c.backdoor.trigger)):
         folders.append(generator_attack(cfg, fm_training_request(cfg)).compromised_fm(train=True))
     return folders
+
+
+def fm_training_request(cfg: CellConfig):
+    """The request an FM is trained (and fine-tuned) with: the public pool of its ``train_seed``, which
+    serves every cell seed."""
+    from fl_core.fl import prepare
+
+    return prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed)).synthetic_request()
+
+
+def train_fm(cfg: CellConfig, accelerator: str | None = None, retrain: bool = False) -> Path:
+    """Train the DDPM a cell config names unless it is already trained; returns its folder."""
+    from fl_core.synthetic import ddpm_folder, train_ddpm
+
+    req = fm_training_request(cfg)
+    folder = ddpm_folder(req)
+    if (folder / "unet").is_dir() and not retrain:
+        print(f"DDPM already trained: {folder}")
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # --retrain: the old weights go first
+    return train_ddpm(req, accelerator=accelerator or ("gpu" if req.device.type == "cuda" else "cpu"))
 
 
 def draw_set(cell: dict) -> int:
@@ -164,7 +188,7 @@ def quality(configs: list[CellConfig]) -> list[dict]:
     the cell's model pre-trained on the set alone (its own pre-training, shared through the stage cache),
     ACC on the real test split as it is and brought down to the FM's resolution and back up (the share of
     the gap that resolution alone explains). Test data only measures the FM; nothing is chosen on it."""
-    from fl_core.fl import StageCache, initial_models, pretrain, prepare
+    from fl_core.fl import StageCache, initial_models, prepare, pretrain
     from fl_core.metrics import accuracy, predict
     from fl_core.synthetic import at_resolution, synthetic_set
 
@@ -190,9 +214,9 @@ def quality(configs: list[CellConfig]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prepare", "samples", "quality"])
+    parser.add_argument("command", choices=["train-ddpm", "prepare", "samples", "quality"])
     parser.add_argument("--preset", help="grid preset whose ddpm cells to serve (default: generated)")
-    parser.add_argument("--config", help="a grid YAML file instead of a preset")
+    parser.add_argument("--config", help="train-ddpm: a cell YAML; the others: a grid YAML instead of a preset")
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE", help="as in benchmarks.grid")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data-root", help="data root (default: $FMFL_DATA_ROOT or ./data)")
@@ -202,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="prepare: torch threads for training an FM (default: all usable)")
     parser.add_argument("--out", default="results/generated-cpu", help="samples, quality: output folder")
     parser.add_argument("--per-class", type=int, default=10, help="samples: images per class")
+    parser.add_argument("--retrain", action="store_true", help="train-ddpm: delete the trained weights and train again")
     args = parser.parse_args(argv)
+    if args.command == "train-ddpm":
+        try:
+            cfg = load_config(args.config, args.overrides + runtime_overrides(args))
+        except ConfigError as err:
+            parser.exit(2, f"config error: {err}\n")
+        print(f"DDPM saved to {train_fm(cfg, retrain=args.retrain)}")
+        return 0
     try:
         if args.threads < 1 or args.per_class < 1:
             raise ConfigError("--threads and --per-class must be >= 1")

@@ -28,10 +28,20 @@ from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from benchmarks import zoo
-from benchmarks.cli import (CONFIG_DIR, PLUGIN_HELP, add_budget_argument, add_stage_cache_argument, check_budget,
-                            runtime_overrides, writable_folder)
-from fl_core.config import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml, validate
+from benchmarks.cli import (
+    CONFIG_DIR,
+    PLUGIN_HELP,
+    add_budget_argument,
+    add_stage_cache_argument,
+    check_budget,
+    estimate_seconds,
+    runtime_overrides,
+    writable_folder,
+)
+from benchmarks.report import recorded_commands, write_report
+from fl_core.config import validate
 from fl_core.registry import import_plugins
+from fl_core.schema import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml
 from fl_core.storage import Claim, read_json, write_json
 from fl_core.threads import parallel_cells
 
@@ -333,18 +343,6 @@ def _compute_cell(cfg: CellConfig, folder: Path) -> dict:
         return {"key": cfg.key(), "seconds": time.time() - started, **outcome}
 
 
-def estimate_seconds(cfg: CellConfig, throughput: float = 1900.0) -> float:
-    """A rough CPU estimate from the images the cell pushes through the default model (~1,900/s on 2 cores)."""
-    f = cfg.fl
-    pool = cfg.data.client_pool_size or 40000
-    per_round = pool * f.clients_per_round / f.num_clients * f.local_epochs
-    if f.fusion == "feddf":
-        per_round += cfg.fusion.steps * cfg.fusion.optim.batch_size * (1 + 0.45 * f.clients_per_round)
-    evals = (f.rounds // cfg.eval.every + 1) * 2 * (cfg.data.test_size or 10000) * 0.27
-    pre = cfg.pretrain.epochs * cfg.synthetic.size if cfg.pretrain.enabled else 0
-    return (pre + f.rounds * per_round + evals) / throughput + 5
-
-
 def stage_group(cfg: CellConfig) -> str:
     """Cells with the same group share pre-training and round 1's client training through the stage cache:
     their configs differ only in the defense and the fusion."""
@@ -419,12 +417,6 @@ def _run_ray(todo, out, plugins, jobs, on_done, address=None, cpus_per_cell=1.0,
 
 
 RUNNERS = {"local": _run_local, "process": _run_process, "ray": _run_ray}
-
-
-def recorded_commands(manifest: dict) -> list[str]:
-    """Every command that wrote to a grid folder, oldest first (folders written before the list was kept
-    hold one ``command``)."""
-    return manifest.get("commands") or ([manifest["command"]] if "command" in manifest else [])
 
 
 def whole_grid_labels(spec: GridSpec, scale: str, overrides: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -586,7 +578,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"grid finished in {(time.time() - started) / 60:.1f} min: {counts}")
     if not args.no_report:
-        from benchmarks.report import write_report
 
         for path in write_report(out):
             print(f"  wrote {path}")

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.grid import recorded_commands
 from benchmarks.zoo_report import cdf_plot, zoo_tables
+from fl_core.schema import CellConfig, from_dict
 from fl_core.storage import read_json
-from fl_core.config import CellConfig, from_dict
 
 METRICS = ("acc", "asr", "ra")
 DETECTION = ("detection_tpr", "detection_fpr", "flag_recall", "flag_precision")  # per round, in %
+
+
+def recorded_commands(manifest: dict) -> list[str]:
+    """Every command that wrote to a grid folder, oldest first (folders written before the list was kept
+    hold one ``command``)."""
+    return manifest.get("commands") or ([manifest["command"]] if "command" in manifest else [])
 
 
 def defense_name(config: dict) -> str:

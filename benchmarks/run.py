@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.cli import add_cell_arguments, cell_config, check_budget, writable_folder
-from fl_core.config import ConfigError, config_schema
+from fl_core.schema import ConfigError, config_schema
 
 
 def main(argv: list[str] | None = None) -> int:

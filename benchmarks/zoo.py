@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from fl_core.config import ConfigError
+from fl_core.schema import ConfigError
 from fl_core.seeding import derive_seed
 
 AXIS = "zoo"

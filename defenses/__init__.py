@@ -1,9 +1,9 @@
-"""Defenses, one file each, registered by name in ``DEFENSES``; third-party ones via entry point group ``fmfl.defenses``."""
+"""Defenses, one file each, registered by name in ``fl_core.registry.DEFENSES``; third-party ones via entry point
+group ``fmfl.defenses``."""
 from fl_core.hooks import Defense
 from fl_core.plugins import import_package_modules
-from fl_core.registry import Registry
+from fl_core.registry import DEFENSES
 
-DEFENSES: Registry[type[Defense]] = Registry("defense", "fmfl.defenses")
 WHEN = ("final", "every")  # model repair after the last round only, or after every round
 
 

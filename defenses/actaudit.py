@@ -48,10 +48,10 @@ from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from defenses import DEFENSES
-from defenses.actbound import ActivationBounds, class_margins, clamp_model, robust_z
+from defenses.actbound import ActivationBounds, clamp_model, class_margins, robust_z
 from fl_core.metrics import logits
-from fl_core.updates import deltas, median
 from fl_core.seeding import torch_generator
+from fl_core.updates import deltas, median
 
 SIGNALS = ("both", "margin", "belief")
 

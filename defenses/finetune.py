@@ -1,8 +1,8 @@
 """Fine-tuning on the server's synthetic data (Liu et al. 2018 style repair)."""
 from defenses import DEFENSES, Defense, acts_now, check_when
-from fl_core.config import OptimConfig
 from fl_core.data import batch_loader
 from fl_core.modules import SupervisedModule, fit
+from fl_core.schema import OptimConfig
 from fl_core.seeding import derive_seed
 
 

@@ -5,7 +5,8 @@ import os
 # (fl_core/threads.py); must be set before torch loads its OpenMP runtime
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fl_core.config import CellConfig, ConfigError, load_config  # noqa: E402
+from fl_core.config import load_config
+from fl_core.schema import CellConfig, ConfigError  # noqa: E402
 
 __all__ = ["CellConfig", "ConfigError", "load_config", "run_cell"]
 

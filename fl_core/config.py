@@ -1,416 +1,26 @@
-"""Typed experiment configuration: dataclasses loaded from YAML, validated up front, hashed.
-
-One *cell* of a benchmark grid is a :class:`CellConfig`. Everything that changes a
-result is part of the config and of its hash; :class:`RuntimeConfig` (paths, device,
-threads) is not, so the same cell run on another machine keeps its key.
-"""
+"""Loading and validating a cell config: YAML file + ``key=value`` overrides -> a :class:`CellConfig` whose
+every rule that spans fields, every registry name, the dataset's facts, the device and the plugins'
+parameters are checked before any compute. The dataclasses themselves live in :mod:`fl_core.schema`."""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import functools
-import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type or an impossible value."""
-
-
-# ---------------------------------------------------------------- declarative field types
-# Every field's type says what it accepts (pydantic validates the dataclasses below); rules that span
-# fields, and names looked up in registries or dataset metadata, are checked in :func:`validate`.
-
-
-def _number(value: Any) -> Any:
-    """Numbers as given; numeric strings parsed (YAML 1.1 reads ``1e-3`` as text); booleans refused."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
-    return value
-
-
-def number(**bounds: float) -> Any:
-    """A finite float within ``bounds`` (pydantic's gt / ge / lt / le); numeric text accepted."""
-    return Annotated[float, Field(allow_inf_nan=False, **bounds), BeforeValidator(_number)]
-
-
-Float = number()
-PositiveFloat = number(gt=0)
-Fraction = number(ge=0, le=1)
-Int = Annotated[int, Strict()]
-Count = Annotated[Int, Field(ge=1)]  # at least one
-NonNegative = Annotated[Int, Field(ge=0)]
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
-STRICT_KEYS = ConfigDict(extra="forbid")  # unknown keys are errors
-# Lightning's precision names; YAML reads 32 as a number
-Precision = Annotated[Literal["32", "bf16-mixed", "16-mixed"],
-                      BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
-# generous ceilings that catch typos (1e5 for 1e-5) before they allocate or run for years
-MAX_WIDTH = 64.0
-MAX_ROUNDS = 100_000
-
-
-@dataclass
-class DataConfig:
-    __pydantic_config__ = STRICT_KEYS
-    dataset: Str = "cifar10"
-    public_size: NonNegative = 10000  # disjoint public pool carved out of the training set (the FM's knowledge)
-    client_pool_size: Count | None = None  # use only this many (stratified) client-pool images; None = all
-    test_size: Count | None = None  # evaluate on a stratified subset of the test set; None = all
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
-    beta: PositiveFloat = 0.5  # Dirichlet concentration
-    shards_per_client: Count = 2
-    min_samples: Count = 10  # every client gets at least this many samples
-    # random crop (pad 4) + horizontal flip, batched on the device; off as in the predecessors' recipe
-    # ([P1] resizes and normalises only); when on, a poisoned sample keeps its whole trigger
-    augment: Bool = False
-    download: Bool = False  # let torchvision download a missing dataset (needs network)
-
-
-@dataclass
-class ModelSpec:
-    __pydantic_config__ = STRICT_KEYS
-    name: Str = "cnn"
-    width: number(gt=0, le=MAX_WIDTH) = 1.0  # channel multiplier
-    depth: Count | None = None  # model-specific depth knob (cnn: conv layers); None = model default
-    options: dict[str, Any] = field(default_factory=dict)  # extra factory arguments (e.g. timm kwargs)
-
-
-@dataclass
-class ModelConfig(ModelSpec):
-    # Heterogeneous FL: one global model per prototype; client i trains prototype i % len(prototypes).
-    prototypes: list[ModelSpec] = field(default_factory=list)
-
-    def specs(self) -> list[ModelSpec]:
-        """The prototypes; a homogeneous config has exactly one."""
-        if self.prototypes:
-            return list(self.prototypes)
-        return [ModelSpec(self.name, self.width, self.depth, dict(self.options))]
-
-
-@dataclass
-class DDPMConfig:
-    """A class-conditional DDPM trained here on the public pool (the suite's own FM), sampled with DDIM.
-
-    The defaults are the CPU-sized FM of the committed results (1.6 M parameters, 16 x 16, ~1 h on two
-    cores; docs/REPRODUCTION.md); the grids' ``paper`` scales name a larger one. The FM is one fixed
-    model for every cell seed (``train_seed``); the cell seed draws its samples."""
-    __pydantic_config__ = STRICT_KEYS
-    weights: Str | None = None  # folder of a trained model; None = the cache folder for this dataset/config
-    train_seed: NonNegative = 0
-    train_steps: Count = 3000
-    train_batch: Count = 128
-    train_lr: PositiveFloat = 5e-4
-    train_uncond_prob: number(ge=0, lt=1) = 0.1  # label dropout: lets sampling use classifier-free guidance
-    ema_decay: number(ge=0, lt=1) = 0.999  # the weights saved and sampled are this EMA (0 = the raw weights)
-    base_channels: Count = 32
-    image_size: Count | None = 16  # resolution the UNet works at (samples are resized); None = the dataset's
-    sample_steps: Count = 50  # DDIM steps
-    sample_batch: Count = 250
-    guidance_scale: number(ge=0) = 0.0  # classifier-free guidance w: eps_c + w (eps_c - eps_u); 0 = conditional
-
-
-@dataclass
-class DiffusersConfig:
-    __pydantic_config__ = STRICT_KEYS
-    pipeline: Str | None = None  # local folder or hub id of a text-to-image pipeline
-    prompt_template: Str = "a photo of a {label}"
-    class_prompts: dict[str, str] = field(default_factory=dict)  # per-class override of the template
-    steps: Count = 25
-    guidance_scale: number(ge=0) = 7.5
-    batch_size: Count = 8
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-
-
-@dataclass
-class SyntheticConfig:
-    __pydantic_config__ = STRICT_KEYS
-    provider: Str = "heldout"  # heldout | ddpm | diffusers
-    size: Count = 5000  # class balanced
-    ddpm: DDPMConfig = field(default_factory=DDPMConfig)
-    diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)
-
-
-@dataclass
-class OptimConfig:
-    """One training stage's optimiser; the defaults are [P1]'s client training (Adam 1e-3, batch 32)."""
-
-    __pydantic_config__ = STRICT_KEYS
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: PositiveFloat = 1e-3
-    momentum: number(ge=0, lt=1) = 0.0  # sgd only
-    weight_decay: number(ge=0) = 0.0
-    batch_size: Count = 32
-    # constant | cosine (annealed to 0 over the stage's steps, per step); added after results were
-    # published, so left out of the key at its default
-    schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"key_omits_default": True})
-
-
-@dataclass
-class FLConfig:
-    __pydantic_config__ = STRICT_KEYS
-    setting: Literal["cross-silo", "cross-device", "custom"] = "cross-silo"  # cross-silo: 10 clients, all
-    num_clients: Count | None = None  # None = the setting's value
-    clients_per_round: Count | None = None  # None = the setting's value
-    rounds: Annotated[Count, Field(le=MAX_ROUNDS)] = 10
-    local_epochs: Count = 3  # [P1]; the CPU scales use 1 (stated budget)
-    fusion: Literal["fedavg", "feddf"] = "feddf"
-    client: OptimConfig = field(default_factory=OptimConfig)
-
-
-@dataclass
-class PretrainConfig:
-    __pydantic_config__ = STRICT_KEYS
-    enabled: Bool = True
-    epochs: NonNegative = 3
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3))  # [P1]: Adam 2e-3, batch 32
-
-
-@dataclass
-class FusionConfig:
-    __pydantic_config__ = STRICT_KEYS
-    steps: NonNegative = 100  # fixed: there is no labelled validation set to stop on
-    # weight of CE on the synthetic labels, 1 - alpha on the distillation KL; [P1] leaves it open, 0.25 was
-    # chosen by attack-free ACC on the development seed 100 (docs/REPRODUCTION.md)
-    alpha: Fraction = 0.25
-    temperature: PositiveFloat = 1.0  # [P1]'s KD temperature
-    augment: Bool = False
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(batch_size=64))
-
-
-@dataclass
-class TriggerConfig:
-    __pydantic_config__ = STRICT_KEYS
-    kind: Str = "patch"
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BackdoorConfig:
-    """The trigger and target shared by every attack and by the ASR test set."""
-
-    __pydantic_config__ = STRICT_KEYS
-    trigger: TriggerConfig = field(default_factory=TriggerConfig)
-    mapping: Literal["all-to-one", "one-to-one"] = "all-to-one"
-    target: NonNegative = 0  # a class index (checked against the dataset's classes)
-    source: NonNegative | None = None  # one-to-one only
-
-
-@dataclass
-class PluginConfig:
-    __pydantic_config__ = STRICT_KEYS
-    name: Str = "none"
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class EvalConfig:
-    __pydantic_config__ = STRICT_KEYS
-    every: Count = 1  # evaluate the global model(s) every N rounds (and always after the last)
-    batch_size: Count = 1000
-
-
-@dataclass
-class RuntimeConfig:
-    """Where and how to run; not part of the cell hash."""
-
-    __pydantic_config__ = STRICT_KEYS
-    device: Str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    data_root: Str | None = None  # None = $FMFL_DATA_ROOT or ./data
-    cache_dir: Str | None = None  # None = <data_root>/cache
-    # torch CPU threads per cell: results are bit-identical for the same config, seed and thread count;
-    # grids run cells side by side instead (fl_core/threads.py)
-    threads: Count = 1
-    progress: Bool = True
-    # reuse stage outputs (pre-trained models, round-1 client models) of other cells with the same inputs
-    stage_cache: Bool = True
-
-
-@dataclass
-class CellConfig:
-    __pydantic_config__ = STRICT_KEYS
-    seed: NonNegative = 0
-    # training precision of every Lightning stage (bf16-mixed: CPU AMX / GPU; 16-mixed: GPU); evaluation
-    # stays fp32. Added after results were published: left out of the key at its default
-    precision: Precision = field(default="32", metadata={"key_omits_default": True})
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    fl: FLConfig = field(default_factory=FLConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
-    attack: PluginConfig = field(default_factory=PluginConfig)
-    # one defense, or a list applied in order at every hook (fl_core.hooks.DefenseChain)
-    defense: PluginConfig | list[PluginConfig] = field(default_factory=PluginConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-    def to_dict(self, with_runtime: bool = True, for_key: bool = False) -> dict[str, Any]:
-        """Plain nested dicts; ``for_key`` leaves out fields marked ``key_omits_default`` at their default
-        and puts a fixed placeholder where the settings of a provider the cell does not use were."""
-        out = _plain(self, for_key)
-        if for_key:
-            for provider, placeholder in UNUSED_PROVIDER_KEY.items():
-                if self.synthetic.provider != provider:
-                    out["synthetic"][provider] = placeholder
-            _key_plugin_params(out)
-        if not with_runtime:
-            out.pop("runtime")
-        return out
-
-    def defenses(self) -> list[PluginConfig]:
-        """The defense configs in the order they apply (one for a single defense)."""
-        return list(self.defense) if isinstance(self.defense, list) else [self.defense]
-
-    def key(self) -> str:
-        """Short content hash of everything that changes results (runtime excluded)."""
-        canon = json.dumps(self.to_dict(with_runtime=False, for_key=True), sort_keys=True, default=str)
-        return hashlib.sha256(canon.encode()).hexdigest()[:12]
-
-
-def _key_plugin_params(out: dict[str, Any]) -> None:
-    """In a key's dict, each registered plugin's parameters less those at their ``omit_at_default``
-    (``fl_core.hooks.without_omitted``); the config itself keeps them, so that validating it again
-    cannot swap a pinned old value for a newer class default."""
-    from fl_core.hooks import without_omitted
-    from fl_core.plugins import registries
-
-    reg = registries()
-    for section, registry in (("attack", reg.attacks), ("defense", reg.defenses)):
-        for entry in out[section] if isinstance(out[section], list) else [out[section]]:
-            if entry["name"] in registry:
-                entry["params"] = without_omitted(registry.get(entry["name"]), entry["params"])
-
-
-def _plain(obj: Any, for_key: bool) -> Any:
-    """``dataclasses.asdict``; with ``for_key``, without the fields marked ``key_omits_default`` that hold
-    their default, so a field added later keeps every earlier key (and its committed results) valid."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name), for_key) for f in dataclasses.fields(obj)
-                if not (for_key and f.metadata.get("key_omits_default") and getattr(obj, f.name) == f.default)}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, for_key) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v, for_key) for k, v in obj.items()}
-    return obj
-
-
-# The settings of a provider a cell does not use do not change its results; in its key they read as the
-# defaults they had when the first results were published, so that changing a default keeps every key.
-UNUSED_PROVIDER_KEY = {
-    "ddpm": {"weights": None, "sample_steps": 50, "sample_batch": 250, "train_steps": 20000, "train_batch": 128,
-             "train_lr": 2e-4, "base_channels": 64, "image_size": None},
-    "diffusers": {"pipeline": None, "prompt_template": "a photo of a {label}", "class_prompts": {}, "steps": 25,
-                  "guidance_scale": 7.5, "batch_size": 8, "dtype": "float32"},
-}
-SETTINGS = {"cross-silo": (10, 10), "cross-device": (100, 10)}
-
-
-# ---------------------------------------------------------------- building from plain data
-
-
-def _section(cls: type, loc: tuple) -> type | None:
-    """The dataclass found by following ``loc`` (field names, list indices) from ``cls``."""
-    node: Any = cls
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not dataclasses.is_dataclass(node):
-            return None
-        hint = typing.get_type_hints(node, include_extras=False).get(part)
-        args = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
-        node = next((a for a in args if dataclasses.is_dataclass(a)), None)
-        if node is None and typing.get_origin(hint) is list:
-            node = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
-    return node if dataclasses.is_dataclass(node) else None
-
-
-def _explain(cls: type, err: ValidationError, where: str) -> ConfigError:
-    """One readable line per problem, each naming its dotted key (unknown keys list the valid ones)."""
-    lines = []
-    for item in err.errors():
-        loc = tuple(item["loc"])
-        path = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[:-1])
-        if item["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            parent = _section(cls, loc[:-1])
-            valid = ", ".join(f.name for f in dataclasses.fields(parent)) if parent else "?"
-            lines.append(f"{path}: unknown key(s) {loc[-1]}; valid keys: {valid}")
-            continue
-        if loc:
-            path += f"[{loc[-1]}]" if isinstance(loc[-1], int) else f".{loc[-1]}"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "dataclass_type":
-            message = "expected a mapping (a config section)"
-        if item["type"] == "literal_error":
-            message = message.replace("Input should be", "unknown; valid:")
-        lines.append(f"{path}: {message}, got {item['input']!r}")
-    return ConfigError("; ".join(lines))
-
-
-def from_dict(cls: type, data: Any, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from nested dicts, validated by its field types (pydantic): unknown keys,
-    wrong types and out-of-range values raise one ConfigError naming every offending key."""
-    if data is None:
-        data = {}
-    if dataclasses.is_dataclass(data):
-        data = dataclasses.asdict(data)
-    try:
-        return TypeAdapter(cls).validate_python(data)
-    except ValidationError as err:
-        raise _explain(cls, err, where) from None
-
-
-def config_schema() -> dict:
-    """JSON Schema of a cell config (for editors and the docs): ``python -m benchmarks.run --schema``."""
-    return TypeAdapter(CellConfig).json_schema()
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to nested dicts in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = _parse_yaml(raw, f"override {assignment!r}")
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """YAML text -> data; a syntax error is a ConfigError naming ``where`` (the file or override)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}".replace('"<unicode string>", ', "")) from err
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = _parse_yaml(path.read_text(), str(path)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+from fl_core.schema import (
+    SETTINGS,
+    CellConfig,
+    ConfigError,
+    ModelSpec,
+    apply_override,
+    check,
+    check_param_types,
+    deep_merge,
+    from_dict,
+    load_yaml,
+)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -425,55 +35,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(cfg)
 
 
-def deep_merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge; values of ``update`` win."""
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-# ---------------------------------------------------------------- semantic validation
-
-
-def _check(cond: bool, key: str, why: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {why}")
-
-
-SCALARS = {bool: Bool, int: Int, float: Float, str: Str}
-
-
-def check_param_types(cls: type, params: dict[str, Any], where: str) -> dict[str, Any]:
-    """``params`` checked against the scalar annotations (``int``, ``float``, ``bool``, ``str``, optionally
-    ``| None``) of ``cls.__init__`` and its bases' before anything runs, numeric strings parsed; values of
-    other annotations pass as given."""
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass):
-            try:
-                hints.update(typing.get_type_hints(vars(klass)["__init__"]))
-            except (NameError, TypeError):  # an annotation that does not resolve: nothing to check
-                continue
-    checked = dict(params)
-    for name, value in params.items():
-        hint = hints.get(name)
-        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-        args = set(typing.get_args(hint)) - {type(None)} if optional else {hint}
-        scalar = SCALARS.get(next(iter(args))) if len(args) == 1 else None
-        if scalar is None or (optional and value is None):
-            continue
-        try:
-            checked[name] = TypeAdapter(scalar).validate_python(value)
-        except ValidationError as err:
-            raise ConfigError(f"{where}.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}, "
-                              f"got {value!r}") from None
-    return checked
-
-
 def validate(cfg: CellConfig) -> CellConfig:
     """Resolve setting defaults and check every rule that spans fields, every registry name, the
     dataset's facts (read without decoding it), the device and the plugins' parameters, before any
@@ -486,41 +47,41 @@ def validate(cfg: CellConfig) -> CellConfig:
     reg = registries()
 
     d = cfg.data
-    _check(bool(d.dataset) and "/" not in d.dataset, "data.dataset",
+    check(bool(d.dataset) and "/" not in d.dataset, "data.dataset",
            "must be a name: one of cifar10, cifar100, fashion_mnist, mnist or an ImageFolder tree under the data root")
     try:
         facts = dataset_facts(d.dataset, cfg.runtime.data_root, cfg.runtime.cache_dir, d.download)
     except FileNotFoundError as err:
         raise ConfigError(f"data.dataset: {err}") from err
     client_pool = facts.train_size - d.public_size
-    _check(client_pool >= 1, "data.public_size",
+    check(client_pool >= 1, "data.public_size",
            f"{d.public_size} leaves no client data of the {facts.train_size} {d.dataset} training images")
-    _check(d.client_pool_size is None or d.client_pool_size <= client_pool, "data.client_pool_size",
+    check(d.client_pool_size is None or d.client_pool_size <= client_pool, "data.client_pool_size",
            f"{d.client_pool_size} > the {client_pool} training images left after data.public_size")
-    _check(d.test_size is None or d.test_size <= facts.test_size, "data.test_size",
+    check(d.test_size is None or d.test_size <= facts.test_size, "data.test_size",
            f"{d.test_size} > the {facts.test_size} test images of {d.dataset}")
 
     for i, spec in enumerate(cfg.model.specs()):
         key = f"model.prototypes[{i}]" if cfg.model.prototypes else "model"
-        _check(spec.name in models.MODELS or spec.name.startswith("timm:"), f"{key}.name",
+        check(spec.name in models.MODELS or spec.name.startswith("timm:"), f"{key}.name",
                f"{spec.name!r} unknown; valid: {', '.join(models.MODELS.names())} or timm:<model name>")
         if not spec.name.startswith("timm:"):
             knobs = getattr(models.MODELS.get(spec.name), "knobs", None)  # None: a plugin that takes anything
-            _check(knobs is None or spec.depth is None or "depth" in knobs, f"{key}.depth",
+            check(knobs is None or spec.depth is None or "depth" in knobs, f"{key}.depth",
                    f"model {spec.name!r} has no depth knob (it takes: {', '.join(knobs or ()) or 'none'})")
-            _check(knobs is None or not spec.options, f"{key}.options",
+            check(knobs is None or not spec.options, f"{key}.options",
                    f"model {spec.name!r} takes no options (options are passed to timm models only)")
 
     s = cfg.synthetic
-    _check(s.provider in synthetic.PROVIDERS, "synthetic.provider",
+    check(s.provider in synthetic.PROVIDERS, "synthetic.provider",
            f"{s.provider!r} unknown; valid: {', '.join(synthetic.PROVIDERS.names())}")
-    _check(s.provider != "heldout" or s.size <= d.public_size, "synthetic.size",
+    check(s.provider != "heldout" or s.size <= d.public_size, "synthetic.size",
            f"the heldout provider draws from the public pool: size {s.size} > data.public_size {d.public_size}")
-    _check(s.provider != "ddpm" or (s.ddpm.image_size or facts.shape[1]) % 4 == 0, "synthetic.ddpm.image_size",
+    check(s.provider != "ddpm" or (s.ddpm.image_size or facts.shape[1]) % 4 == 0, "synthetic.ddpm.image_size",
            f"the UNet halves the resolution twice: {s.ddpm.image_size or facts.shape[1]} is not a multiple of 4")
-    _check(s.provider != "ddpm" or s.ddpm.guidance_scale == 0 or s.ddpm.train_uncond_prob > 0,
+    check(s.provider != "ddpm" or s.ddpm.guidance_scale == 0 or s.ddpm.train_uncond_prob > 0,
            "synthetic.ddpm.guidance_scale", "classifier-free guidance needs a model trained with train_uncond_prob > 0")
-    _check(s.provider != "diffusers" or bool(s.diffusers.pipeline), "synthetic.diffusers.pipeline",
+    check(s.provider != "diffusers" or bool(s.diffusers.pipeline), "synthetic.diffusers.pipeline",
            "the diffusers provider needs a pipeline path or hub id")
 
     f = cfg.fl
@@ -529,21 +90,21 @@ def validate(cfg: CellConfig) -> CellConfig:
         f.num_clients = f.num_clients if f.num_clients is not None else n
         f.clients_per_round = f.clients_per_round if f.clients_per_round is not None else min(k, f.num_clients)
     else:
-        _check(f.num_clients is not None and f.clients_per_round is not None, "fl",
+        check(f.num_clients is not None and f.clients_per_round is not None, "fl",
                "setting 'custom' needs num_clients and clients_per_round")
-    _check(f.clients_per_round <= f.num_clients, "fl.clients_per_round", f"must be <= num_clients={f.num_clients}")
-    _check(f.fusion == "feddf" or len(cfg.model.specs()) == 1, "fl.fusion",
+    check(f.clients_per_round <= f.num_clients, "fl.clients_per_round", f"must be <= num_clients={f.num_clients}")
+    check(f.fusion == "feddf" or len(cfg.model.specs()) == 1, "fl.fusion",
            "heterogeneous prototypes can only be fused by distillation (feddf)")
     pool = d.client_pool_size or client_pool
-    _check(d.min_samples * f.num_clients <= pool, "data.min_samples",
+    check(d.min_samples * f.num_clients <= pool, "data.min_samples",
            f"{d.min_samples} per client x {f.num_clients} clients > the {pool} client-pool images")
-    _check(d.partition != "shards" or d.shards_per_client * f.num_clients <= pool, "data.shards_per_client",
+    check(d.partition != "shards" or d.shards_per_client * f.num_clients <= pool, "data.shards_per_client",
            f"{d.shards_per_client} x {f.num_clients} clients shards > the {pool} client-pool images")
 
     b = cfg.backdoor
-    _check(b.target < facts.classes, "backdoor.target", f"{b.target} is not a class of {d.dataset} (0-{facts.classes - 1})")
-    _check(b.mapping == "all-to-one" or b.source is not None, "backdoor.source", "one-to-one needs a source class")
-    _check(b.source is None or (b.source < facts.classes and b.source != b.target), "backdoor.source",
+    check(b.target < facts.classes, "backdoor.target", f"{b.target} is not a class of {d.dataset} (0-{facts.classes - 1})")
+    check(b.mapping == "all-to-one" or b.source is not None, "backdoor.source", "one-to-one needs a source class")
+    check(b.source is None or (b.source < facts.classes and b.source != b.target), "backdoor.source",
            f"{b.source} must be a class of {d.dataset} (0-{facts.classes - 1}) other than the target")
     try:
         trigger_cls = reg.triggers.get(b.trigger.kind)
@@ -557,7 +118,7 @@ def validate(cfg: CellConfig) -> CellConfig:
         apply_trigger(trigger, probe, probe.new_zeros(1).long())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"backdoor.trigger: {err}") from err
-    _check(len(cfg.defenses()) >= 1, "defense", "an empty list: name at least one defense (or {name: none})")
+    check(len(cfg.defenses()) >= 1, "defense", "an empty list: name at least one defense (or {name: none})")
     many = isinstance(cfg.defense, list)
     named = [("attack", reg.attacks, cfg.attack)] + [
         (f"defense[{i}]" if many else "defense", reg.defenses, d) for i, d in enumerate(cfg.defenses())]
@@ -580,13 +141,13 @@ def validate(cfg: CellConfig) -> CellConfig:
         # every parameter explicit (defaults filled in), so equal cells hash equally
         plugin.params = public_params(instance, constructor_only=True)
         needs = getattr(instance, "requires_provider", None)
-        _check(needs is None or s.provider == needs, "synthetic.provider",
+        check(needs is None or s.provider == needs, "synthetic.provider",
                f"{key} {plugin.name!r} queries the FM itself and needs provider {needs!r}, got {s.provider!r}")
         needs = getattr(instance, "requires_trigger", None)
-        _check(needs is None or b.trigger.kind == needs, "backdoor.trigger.kind",
+        check(needs is None or b.trigger.kind == needs, "backdoor.trigger.kind",
                f"{key} {plugin.name!r} needs trigger kind {needs!r}, got {b.trigger.kind!r}")
     _check_device(cfg.runtime.device)
-    _check(cfg.precision != "16-mixed" or cfg.runtime.device.startswith("cuda") or (
+    check(cfg.precision != "16-mixed" or cfg.runtime.device.startswith("cuda") or (
         cfg.runtime.device == "auto" and _has_cuda()), "precision", "16-mixed needs a CUDA GPU; use bf16-mixed on a CPU")
     _check_memory(cfg, facts)
     return cfg
@@ -611,14 +172,14 @@ def _check_device(device: str) -> None:
     if device in ("auto", "cpu"):
         return
     if device == "mps":
-        _check(torch.backends.mps.is_available(), "runtime.device", "mps is not available on this machine")
+        check(torch.backends.mps.is_available(), "runtime.device", "mps is not available on this machine")
         return
     kind, _, index = device.partition(":")
-    _check(kind == "cuda" and (index == "" or index.isdigit()), "runtime.device",
+    check(kind == "cuda" and (index == "" or index.isdigit()), "runtime.device",
            f"{device!r} unknown; valid: auto, cpu, cuda, cuda:N, mps")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    _check(count > 0, "runtime.device", f"{device!r} requested but this machine has no usable CUDA GPU; use auto or cpu")
-    _check(index == "" or int(index) < count, "runtime.device", f"{device!r}: this machine has {count} GPU(s)")
+    check(count > 0, "runtime.device", f"{device!r} requested but this machine has no usable CUDA GPU; use auto or cpu")
+    check(index == "" or int(index) < count, "runtime.device", f"{device!r}: this machine has {count} GPU(s)")
 
 
 def available_memory_bytes() -> int:
@@ -652,5 +213,5 @@ def _check_memory(cfg: CellConfig, facts) -> None:
                                   facts.classes) for spec in cfg.model.specs())
     need = params * 4 * (cfg.fl.clients_per_round + 6)  # one model per client kept, global, grads, Adam state
     have = available_memory_bytes()
-    _check(need <= have, "model", f"{params:,} parameters x {cfg.fl.clients_per_round + 6} copies need "
+    check(need <= have, "model", f"{params:,} parameters x {cfg.fl.clients_per_round + 6} copies need "
            f"~{need / 2**30:.1f} GiB; this machine has {have / 2**30:.1f} GiB available (model.width?)")

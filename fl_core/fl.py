@@ -25,14 +25,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from fl_core.config import CellConfig
-from fl_core.data import (Dataset, ImageData, bind_trigger_pool, load_dataset, partition, resolve_data_root,
-                          stratified_split, training_loader)
+from fl_core.data import (
+    Dataset,
+    ImageData,
+    bind_trigger_pool,
+    load_dataset,
+    partition,
+    resolve_data_root,
+    stratified_split,
+    training_loader,
+)
 from fl_core.hooks import Aggregation, ClientTraining, ClientUpdate, DefenseChain, FusionPlan, ServerContext, State
 from fl_core.metrics import backdoor_test_set, client_detection, evaluate, sample_detection
 from fl_core.models import build_model
 from fl_core.modules import FusionModule, SupervisedModule, ensemble_outputs, fit, teacher_logits
 from fl_core.plugins import Plugins, build_plugins
+from fl_core.schema import CellConfig
 from fl_core.seeding import derive_seed, numpy_rng
 from fl_core.storage import load_tensors, save_tensors, tensor_digest, write_json
 from fl_core.synthetic import SyntheticRequest, synthetic_set

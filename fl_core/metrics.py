@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from fl_core.config import BackdoorConfig
 from fl_core.data import ImageData, apply_trigger, forward_chunk, to_float
+from fl_core.schema import BackdoorConfig
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fl_core.config import ModelSpec
 from fl_core.registry import Registry
+from fl_core.schema import ModelSpec
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "fmfl.models")
 

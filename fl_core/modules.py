@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_core.config import FusionConfig, OptimConfig
 from fl_core.data import apply_trigger, augment, forward_chunk, to_float
 from fl_core.metrics import logits
+from fl_core.schema import FusionConfig, OptimConfig
 from fl_core.seeding import torch_generator
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):

@@ -25,11 +25,11 @@ class Plugins:
 
 
 def registries() -> SimpleNamespace:
-    """The attack, defense and trigger registries: the one seam through which ``fl_core`` reaches the
-    plugin packages (imported on first use, so neither package is imported by ``fl_core`` itself)."""
-    attacks = importlib.import_module("attacks")
-    defenses = importlib.import_module("defenses")
-    return SimpleNamespace(attacks=attacks.ATTACKS, defenses=defenses.DEFENSES, triggers=attacks.TRIGGERS)
+    """The attack, defense and trigger registries (``fl_core.registry``; the plugin packages register
+    into them when first looked up)."""
+    from fl_core.registry import ATTACKS, DEFENSES, TRIGGERS
+
+    return SimpleNamespace(attacks=ATTACKS, defenses=DEFENSES, triggers=TRIGGERS)
 
 
 def build_plugins(cfg) -> Plugins:

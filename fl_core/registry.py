@@ -1,8 +1,10 @@
-"""Name -> factory registries with lazy third-party plugins.
+"""Name -> factory registries with lazy plugins: the attacks, defenses and triggers a config can name.
 
-Built-in entries register themselves with ``@REGISTRY.register("name")`` when
-their module is imported. Third-party packages expose entries through a Python
-entry point group; such a plugin is imported only when a config names it.
+The registries live here, below the plugin packages, so that ``fl_core`` never imports ``attacks`` or
+``defenses``: those packages register into them. The built-in packages are listed in the entry point
+group ``fmfl.builtins`` (``pyproject.toml``) and imported on the first lookup; third-party packages
+expose single entries through the groups ``fmfl.attacks``, ``fmfl.defenses`` and ``fmfl.triggers``,
+imported only when a config names them.
 """
 from __future__ import annotations
 
@@ -11,6 +13,18 @@ from importlib.metadata import entry_points
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
+BUILTINS_GROUP = "fmfl.builtins"
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    """Import the built-in plugin packages (entry point group ``fmfl.builtins``) once per process."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True  # set first: the packages look names up while they register
+    for ep in entry_points(group=BUILTINS_GROUP):
+        ep.load()
 
 
 class Registry(Generic[T]):
@@ -41,24 +55,34 @@ class Registry(Generic[T]):
         return next(iter(matches), None)
 
     def __contains__(self, name: str) -> bool:
+        load_builtins()
         return name in self._entries or self._entry_point(name) is not None
 
     def get(self, name: str) -> T:
         """The entry called ``name``; loads an entry-point plugin on first use."""
+        load_builtins()
         if name not in self._entries:
             ep = self._entry_point(name)
             if ep is not None:
                 self._entries[name] = ep.load()
         if name not in self._entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+            hint = "" if entry_points(group=BUILTINS_GROUP) else (
+                " (no built-in plugins are installed: run `pip install -e .` in the repository)")
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}{hint}")
         return self._entries[name]
 
     def names(self) -> list[str]:
         """Built-in and already loaded names, plus installed entry-point names."""
+        load_builtins()
         names = set(self._entries)
         if self.entry_point_group is not None:
             names.update(ep.name for ep in entry_points(group=self.entry_point_group))
         return sorted(names)
+
+
+ATTACKS: Registry = Registry("attack", "fmfl.attacks")
+DEFENSES: Registry = Registry("defense", "fmfl.defenses")
+TRIGGERS: Registry = Registry("trigger", "fmfl.triggers")
 
 
 def import_plugins(modules: list[str] | tuple[str, ...]) -> None:

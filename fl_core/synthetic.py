@@ -4,14 +4,13 @@ Providers return class-balanced ``ImageData`` (uint8) at the dataset's resolutio
 
 * ``heldout``   - samples of the disjoint public pool: the offline stand-in for FM output;
 * ``ddpm``      - a class-conditional diffusers ``UNet2DModel`` trained on the public pool
-                  (``python -m fl_core.synthetic train-ddpm``) and sampled with DDIM;
+                  (``python -m benchmarks.fm train-ddpm``) and sampled with DDIM;
 * ``diffusers`` - any text-to-image diffusers pipeline (local folder or hub id) with per-class prompts.
 
 Poisoning is not a provider's job: attacks alter the returned set.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fl_core.config import DDPMConfig, SyntheticConfig
 from fl_core.data import DatasetInfo, ImageData, batch_loader, to_float
 from fl_core.registry import Registry
+from fl_core.schema import DDPMConfig, SyntheticConfig
 from fl_core.seeding import derive_seed, numpy_rng, torch_generator
 from fl_core.storage import load_tensors, read_json, save_tensors, tensor_digest, warn, write_json
 
@@ -193,7 +192,7 @@ def save_ddpm(module: DDPMModule, folder: Path, manifest: dict) -> None:
 
 def train_ddpm(req: SyntheticRequest, accelerator: str = "auto") -> Path:
     """Train the provider's DDPM on ``req.public`` and save its (EMA) weights as safetensors with a manifest.
-    ``req.public`` should be the public pool of ``train_seed`` (``train_fm`` carves it so)."""
+    ``req.public`` should be the public pool of ``train_seed`` (``benchmarks.fm.train_fm`` carves it so)."""
     cfg = req.cfg.ddpm
     channels, h, _ = req.dataset.image_shape
     torch.manual_seed(derive_seed(cfg.train_seed, "ddpm-init"))
@@ -215,7 +214,7 @@ def load_ddpm(req: SyntheticRequest, folder: Path | None = None):
         raise FileNotFoundError(
             f"no trained DDPM at {folder}; train it first with\n"
             "  python -m benchmarks.fm prepare --preset <your grid>   (or, for one cell config:\n"
-            "  python -m fl_core.synthetic train-ddpm --config <your cell config>)")
+            "  python -m benchmarks.fm train-ddpm --config <your cell config>)")
     unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(req.device).eval()
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     scheduler.set_timesteps(req.cfg.ddpm.sample_steps)
@@ -348,42 +347,3 @@ def cached_images(folder: Path, classes: list[str], make: Callable[[], ImageData
     save_tensors(data_file, {"images": data.images.cpu(), "labels": data.labels.cpu()})
     write_json(manifest_file, manifest)
     return data, manifest
-
-
-def fm_training_request(cfg) -> SyntheticRequest:
-    """The request an FM is trained (and fine-tuned) with: the public pool of its ``train_seed``, which
-    serves every cell seed."""
-    from fl_core.fl import prepare
-
-    return prepare(dataclasses.replace(cfg, seed=cfg.synthetic.ddpm.train_seed)).synthetic_request()
-
-
-def train_fm(cfg, accelerator: str | None = None, retrain: bool = False) -> Path:
-    """Train the DDPM a cell config names unless it is already trained; returns its folder."""
-    req = fm_training_request(cfg)
-    folder = ddpm_folder(req)
-    if (folder / "unet").is_dir() and not retrain:
-        print(f"DDPM already trained: {folder}")
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)  # --retrain: the old weights go first
-    return train_ddpm(req, accelerator=accelerator or ("gpu" if req.device.type == "cuda" else "cpu"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fl_core.synthetic train-ddpm --config cell.yaml [--set k=v ...]``."""
-    from fl_core.config import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m fl_core.synthetic")
-    parser.add_argument("command", choices=["train-ddpm"])
-    parser.add_argument("--config", help="cell YAML config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--data-root")
-    parser.add_argument("--retrain", action="store_true", help="delete the trained weights and train again")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"runtime.data_root={args.data_root}"] if args.data_root else [])
-    folder = train_fm(load_config(args.config, overrides), retrain=args.retrain)
-    print(f"DDPM saved to {folder}")
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from fl_core.config import deep_merge, load_config
+from fl_core.config import load_config
+from fl_core.schema import deep_merge
 
 TINY_CLASSES = ["circle", "cross", "square", "stripe"]
 

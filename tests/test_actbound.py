@@ -540,8 +540,8 @@ def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tin
     import yaml
 
     from benchmarks.filter_diagnostic import main
+    from fl_core.schema import deep_merge
     from tests.conftest import TINY_OVERRIDES
-    from fl_core.config import deep_merge
 
     cfg = deep_merge(TINY_OVERRIDES, {"runtime": {"data_root": str(tiny_root), "cache_dir": str(tmp_path / "cache"),
                                                   "progress": False}, "synthetic": {"size": 40}})

@@ -3,19 +3,20 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_CLASSES
 from torch import nn
 
 from attacks import ATTACKS
 from attacks.poisoning import poison_data, poison_indices
 from attacks.triggers import BlendTrigger, DistributedTrigger, ObjectTrigger, PatchTrigger, PerClassTrigger, WarpTrigger
-from fl_core.config import BackdoorConfig, ConfigError, DDPMConfig, DiffusersConfig, OptimConfig, SyntheticConfig, load_config
+from fl_core.config import load_config
 from fl_core.data import ImageData, batch_loader, load_dataset, to_float, training_loader
 from fl_core.fl import run_cell
-from fl_core.metrics import backdoor_test_set
 from fl_core.hooks import ClientUpdate, ServerContext
+from fl_core.metrics import backdoor_test_set
 from fl_core.modules import SupervisedModule, fit
+from fl_core.schema import BackdoorConfig, ConfigError, DDPMConfig, DiffusersConfig, OptimConfig, SyntheticConfig
 from fl_core.synthetic import SyntheticRequest, synthetic_set
-from conftest import TINY_CLASSES
 
 BD = BackdoorConfig(target=0)
 

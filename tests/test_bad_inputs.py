@@ -16,7 +16,8 @@ import yaml
 
 from benchmarks import grid as grid_mod
 from fl_core import data as data_mod
-from fl_core.config import ConfigError, deep_merge, load_config
+from fl_core.config import load_config
+from fl_core.schema import ConfigError, deep_merge
 from fl_core.storage import Claim, atomic_write, load_tensors, remove_stale_temps
 from tests.conftest import TINY_OVERRIDES
 
@@ -227,7 +228,8 @@ def test_schema_export_describes_the_fields(capsys):
 
 def test_committed_results_keep_their_keys():
     """Every committed record's stored config re-validates to its stored key (hashes are stable)."""
-    from fl_core.config import CellConfig, from_dict, validate
+    from fl_core.config import validate
+    from fl_core.schema import CellConfig, from_dict
 
     records = sorted(Path("results").glob("*/cells/*/record.json"))
     assert records

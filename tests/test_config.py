@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from fl_core.config import UNUSED_PROVIDER_KEY, ConfigError, load_config
+from fl_core.config import load_config
+from fl_core.schema import UNUSED_PROVIDER_KEY, ConfigError
 
 
 def test_defaults_validate_and_resolve_setting():
@@ -93,7 +94,8 @@ def test_a_plugin_parameter_pinned_at_its_pre_publication_value_survives_revalid
     """``norm_ratio: null`` (``actaudit``'s behaviour before the parameter existed, left out of keys) must
     stay null when a validated config is serialised and validated again (as a grid worker or a rerun from
     a record does), not turn into the class default 2.0; the key leaves it out either way."""
-    from fl_core.config import CellConfig, from_dict, validate
+    from fl_core.config import validate
+    from fl_core.schema import CellConfig, from_dict
 
     pinned = load_config(None, ["defense.name=actaudit", "defense.params={norm_ratio: null}"])
     again = validate(from_dict(CellConfig, pinned.to_dict()))

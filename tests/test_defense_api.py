@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import defenses
-from fl_core.config import ConfigError
 from fl_core.fl import run_cell
 from fl_core.hooks import Defense
+from fl_core.schema import ConfigError
 from fl_core.updates import deltas
 
 
@@ -185,9 +185,9 @@ def test_a_chain_of_one_is_the_defense_itself(tiny_config):
 
 
 def test_fusion_honours_label_weights_and_masked_targets():
-    from fl_core.config import FusionConfig, OptimConfig
     from fl_core.data import ImageData, training_loader
     from fl_core.modules import FusionModule, distillation_loss, ensemble_outputs, fit
+    from fl_core.schema import FusionConfig, OptimConfig
 
     gen = torch.Generator().manual_seed(0)
     data = ImageData(torch.randint(0, 256, (64, 3, 4, 4), generator=gen).to(torch.uint8), torch.zeros(64).long(),

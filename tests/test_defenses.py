@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 from defenses import DEFENSES
-from fl_core.config import ModelSpec
 from fl_core.data import ImageData
-from fl_core.config import OptimConfig
 from fl_core.hooks import Aggregation, ClientTraining, ClientUpdate, FusionPlan, ServerContext
 from fl_core.models import build_model
+from fl_core.schema import ModelSpec, OptimConfig
 from fl_core.updates import compose_state, deltas, median
 
 GLOBAL = nn.Linear(3, 1, bias=False)
@@ -297,7 +296,8 @@ def test_defenses_run_in_the_fl_loop(tiny_config, name):
 
 @pytest.mark.parametrize("name", ["pruning", "clp", "finetune", "fineprune"])
 def test_repair_schedule_is_validated(name):
-    from fl_core.config import ConfigError, load_config
+    from fl_core.config import load_config
+    from fl_core.schema import ConfigError
 
     with pytest.raises(ConfigError, match="when 'sometimes' unknown; valid: final, every"):
         load_config(None, [f"defense.name={name}", "defense.params={when: sometimes}"])

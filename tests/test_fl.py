@@ -9,13 +9,13 @@ from torch import nn
 
 import defenses
 from attacks.triggers import PatchTrigger, PerClassTrigger
-from fl_core.config import BackdoorConfig, OptimConfig
 from fl_core.data import ImageData, batch_loader
 from fl_core.fl import cpu_model, run_cell, sample_clients
-from fl_core.updates import fedavg
 from fl_core.hooks import Defense
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.modules import SupervisedModule, distillation_loss, ensemble_logits, fit
+from fl_core.schema import BackdoorConfig, OptimConfig
+from fl_core.updates import fedavg
 
 
 def test_fedavg_is_the_sample_weighted_mean():
@@ -183,9 +183,9 @@ def test_defense_hooks_see_server_data_only_and_can_drop_updates(tiny_config):
 
 
 def test_teacher_outputs_computed_once_equal_the_per_batch_ensemble():
-    from fl_core.config import FusionConfig
     from fl_core.data import training_loader
     from fl_core.modules import FusionModule, ensemble_outputs
+    from fl_core.schema import FusionConfig
 
     torch.manual_seed(0)
     net = lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 3))  # noqa: E731

@@ -3,10 +3,10 @@ import json
 
 import pandas as pd
 import pytest
+from test_grid import _spec, _write
 
 from benchmarks import fm
 from benchmarks import grid as grid_mod
-from test_grid import _spec, _write
 
 TINY_DDPM = {"base_channels": 8, "train_steps": 3, "train_batch": 8, "sample_steps": 2, "sample_batch": 8}
 

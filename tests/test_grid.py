@@ -4,14 +4,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import TINY_OVERRIDES
 
 import attacks
 from benchmarks import grid as grid_mod
+from benchmarks.cli import estimate_seconds
 from benchmarks.grid import GridSpec, cell_status, expand, load_grid, main
 from benchmarks.report import paper_tables, summary_table, write_report
-from conftest import TINY_OVERRIDES
-from fl_core.config import ConfigError, deep_merge
 from fl_core.hooks import Attack
+from fl_core.schema import ConfigError, deep_merge
 
 
 def _spec(tiny_root, tmp_path, axes, **extra) -> GridSpec:
@@ -233,7 +234,7 @@ def test_parallel_schedule_puts_one_cell_of_each_stage_group_first():
     distinct = len(set(groups))
     assert distinct == 4  # attack-free (FedDF and FedAvg share pre-training and round 1), BadNets, FM, replacement
     assert len(set(groups[:distinct])) == distinct  # every group's first cell before any group's second
-    rest = [grid_mod.estimate_seconds(c.config) for c in order[distinct:]]
+    rest = [estimate_seconds(c.config) for c in order[distinct:]]
     assert rest == sorted(rest, reverse=True)
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from fl_core.config import ModelSpec
 from fl_core.models import MODELS, build_model
+from fl_core.schema import ModelSpec
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

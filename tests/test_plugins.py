@@ -9,9 +9,10 @@ import torch
 import defenses
 from benchmarks import run as run_cli
 from fl_core import registry
-from fl_core.config import ConfigError, load_config
+from fl_core.config import load_config
 from fl_core.hooks import Aggregation, ClientUpdate, ServerContext
 from fl_core.registry import import_plugins
+from fl_core.schema import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from fl_core.config import DDPMConfig, DiffusersConfig, SyntheticConfig
 from fl_core.data import load_dataset
+from fl_core.schema import DDPMConfig, DiffusersConfig, SyntheticConfig
 from fl_core.synthetic import SyntheticRequest, content_hash, synthetic_set
 
 
@@ -92,7 +92,7 @@ def test_class_prompts_use_the_template_and_overrides():
 
 
 def test_train_ddpm_command(tiny_root, tmp_path, capsys):
-    from fl_core.synthetic import main
+    from benchmarks.fm import main
 
     sets = ["data.dataset=tiny", "data.public_size=40", "synthetic.provider=ddpm", "synthetic.size=4",
             "synthetic.ddpm.base_channels=8", "synthetic.ddpm.train_steps=2", "synthetic.ddpm.train_batch=8",
@@ -105,12 +105,13 @@ def test_train_ddpm_command(tiny_root, tmp_path, capsys):
 
 def test_an_fm_is_trained_once_on_the_public_pool_of_its_own_seed(tiny_config, monkeypatch):
     import fl_core.synthetic as synthetic
+    from benchmarks.fm import train_fm
     from fl_core.fl import prepare
 
     cfg = tiny_config({"seed": 3, "synthetic": {"provider": "ddpm", "size": 4, "ddpm": TINY_DDPM}})
-    folder = synthetic.train_fm(cfg, accelerator="cpu")
+    folder = train_fm(cfg, accelerator="cpu")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["public_sha256"] == content_hash(prepare(tiny_config({"seed": 0})).public)  # not seed 3's pool
     assert manifest["public_sha256"] != content_hash(prepare(cfg).public)
     monkeypatch.setattr(synthetic, "train_ddpm", lambda *a, **k: pytest.fail("trained twice"))
-    assert synthetic.train_fm(tiny_config({"seed": 1, "synthetic": {"provider": "ddpm", "ddpm": TINY_DDPM}})) == folder
+    assert train_fm(tiny_config({"seed": 1, "synthetic": {"provider": "ddpm", "ddpm": TINY_DDPM}})) == folder

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from attacks.triggers import PatchTrigger, PerClassTrigger
-from fl_core.config import ConfigError, load_config
+from fl_core.config import load_config
+from fl_core.schema import ConfigError
 
 
 def test_corner_patch_geometry_and_values():
@@ -58,8 +59,15 @@ def test_per_class_trigger_is_validated_in_configs():
 
 # ---------------------------------------------------------------- the zoo's trigger families
 
-from attacks.global_triggers import (FrequencyTrigger, LowFrequencyTrigger, QuantisationTrigger,  # noqa: E402
-                                     ReflectionTrigger, SinusoidalTrigger, dct_matrix, RGB_TO_YUV)
+from attacks.global_triggers import (  # noqa: E402
+    RGB_TO_YUV,
+    FrequencyTrigger,
+    LowFrequencyTrigger,
+    QuantisationTrigger,
+    ReflectionTrigger,
+    SinusoidalTrigger,
+    dct_matrix,
+)
 
 
 def _images(n=8, c=3, size=32, seed=0):

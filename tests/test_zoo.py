@@ -3,12 +3,12 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import TINY_OVERRIDES, write_tiny_imagefolder
 
 from benchmarks import zoo
 from benchmarks.grid import GridSpec, expand, load_grid, resolve_grid_path
 from benchmarks.zoo_report import cdf_plot, zoo_cells, zoo_tables
-from conftest import TINY_OVERRIDES, write_tiny_imagefolder
-from fl_core.config import ConfigError, deep_merge
+from fl_core.schema import ConfigError, deep_merge
 
 
 def test_a_draw_is_a_function_of_its_index_alone():
