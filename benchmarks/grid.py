@@ -109,10 +109,12 @@ def load_grid(path: str | Path) -> GridSpec:
             raise ConfigError(f"{path}: base config {base!r} not found (looked at {', '.join(map(str, candidates))})")
         base = load_yaml(found)
     scales = grid.scales
-    if isinstance(scales, str):  # reuse the scales of another grid file
-        other = path.parent / scales
-        if not other.is_file():
-            raise ConfigError(f"{path}: scales {scales!r} names no grid file beside it")
+    if isinstance(scales, str):  # reuse the scales of another grid file: beside this one, else a preset
+        candidates = [path.parent / scales, GRID_DIR / scales]
+        other = next((c for c in candidates if c.is_file()), None)
+        if other is None:
+            raise ConfigError(f"{path}: scales {scales!r} names no grid file (looked at "
+                              f"{', '.join(map(str, candidates))})")
         scales = load_grid(other).scales
     spec = GridSpec(path.stem, grid.description, base, {k: v or {} for k, v in scales.items()}, grid.axes,
                     grid.exclude, grid.include)

@@ -17,6 +17,7 @@ import pandas as pd
 from benchmarks.zoo_report import cdf_plot, zoo_tables
 from fl_core.schema import CellConfig, from_dict
 from fl_core.storage import read_json
+from fl_core.tracking import flatten
 
 METRICS = ("acc", "asr", "ra")
 DETECTION = ("detection_tpr", "detection_fpr", "flag_recall", "flag_precision")  # per round, in %
@@ -40,17 +41,6 @@ def detection_means(rounds: list[dict]) -> dict:
     for m in DETECTION:
         values = [r[m] for r in rounds if r.get(m) is not None]
         out[m] = sum(values) / len(values) if values else float("nan")
-    return out
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k not in ("params", "options", "class_prompts"):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
     return out
 
 
@@ -82,7 +72,7 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             row.update(status=st["status"], error=st.get("error"), reason=st.get("reason"))
         else:
             row.update(status="pending")
-        row.update(_flatten(cell["config"], "cfg."), defense_name=defense_name(cell["config"]))
+        row.update(flatten(cell["config"], "cfg."), defense_name=defense_name(cell["config"]))
         row["clean_key"] = _key_with(cell["config"], attack={"name": "none", "params": {}})
         row["undefended_key"] = _key_with(cell["config"], defense={"name": "none", "params": {}})
         rows.append(row)

@@ -1,5 +1,5 @@
 """Activation-constrained aggregation with a synthetic-set audit: the paper's activation bounds
-(``actbound``) extended with what the server itself holds (issue 15, docs/DEFENSE.md).
+(``actbound``) extended with what the server itself holds (issue 15, docs/history/defense_selections.md).
 
 1. **Constrained teachers** (option, off by default). While the server distils, the bounds (fitted on
    the aggregated model first) clamp every teacher (client model) and the student, so a trigger's
@@ -93,7 +93,7 @@ def shared_pixels(images: torch.Tensor, flags: torch.Tensor, share: float, toler
 @DEFENSES.register("actaudit")
 class AuditedActivationBounds(ActivationBounds):
     """``actbound`` (every parameter of it applies) plus constrained teachers, the audit and corrective
-    distillation. Parameters, [default] (chosen on development seeds, docs/DEFENSE.md):
+    distillation. Parameters, [default] (chosen on development seeds, docs/history/defense_selections.md):
 
     - audit_z [3.0]: flag threshold on the mean robust z of the audit's signals.
     - signals ["margin"]: the bounds' margin drop; "belief" (the clients' belief drop) or "both".

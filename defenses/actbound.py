@@ -4,7 +4,7 @@ After each round's fusion, bounds on the outputs of hidden activation sites of e
 model are learned on the server's synthetic data only and applied as clamps through forward hooks;
 model weights are never changed. The objective keeps the bounded model's outputs close to the
 unbounded model's (KL or logit MSE) while a penalty shrinks the bounds; the penalty weight adapts
-so that prediction agreement on synthetic data stays at ``target_agreement``. See docs/DEFENSE.md
+so that prediction agreement on synthetic data stays at ``target_agreement``. See docs/history/defense_selections.md
 for the variants and what each reached.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ class ActivationBounds(Defense):
       target_agreement [0.95]: prediction agreement with the unbounded model that steers the penalty weight.
       steps [150] first fit, refine_steps [30] per later round (warm start), lr [0.05], batch_size [128].
       trim [0.25]: robust preservation, ignore the worst-preserved share of each batch (the best variant
-        measured, see docs/DEFENSE.md; 0 gives the plain MM-BM-style objective).
+        measured, see docs/history/defense_selections.md; 0 gives the plain MM-BM-style objective).
       filter ["none"] or "activation": exclude synthetic samples with abnormal peak activations
         (robust z > filter_z [3.5]; per channel peak, or filter_unit "element": per channel and position)
         from the preservation term, and from fusion if filter_fusion [True].

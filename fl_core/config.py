@@ -21,6 +21,7 @@ from fl_core.schema import (
     from_dict,
     load_yaml,
 )
+from fl_core.tracking import missing_module
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -46,6 +47,9 @@ def validate(cfg: CellConfig) -> CellConfig:
 
     reg = registries()
 
+    missing = missing_module(cfg.runtime.logger)
+    check(missing is None, "runtime.logger", f"{cfg.runtime.logger} needs the {missing!r} package: "
+          "pip install 'fmfl-backdoor-bench[tracking]' (or runtime.logger: csv)")
     d = cfg.data
     check(bool(d.dataset) and "/" not in d.dataset, "data.dataset",
            "must be a name: one of cifar10, cifar100, fashion_mnist, mnist or an ImageFolder tree under the data root")

@@ -44,6 +44,7 @@ from fl_core.schema import CellConfig
 from fl_core.seeding import derive_seed, numpy_rng
 from fl_core.storage import load_tensors, save_tensors, tensor_digest, write_json
 from fl_core.synthetic import SyntheticRequest, synthetic_set
+from fl_core.tracking import flatten, log_round, round_logger
 from fl_core.updates import fedavg_of
 
 
@@ -265,10 +266,10 @@ def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, setup: S
 class FederatedRun:
     """One cell's FL run with constructed plugins; one method per stage of a round, in order:
     ``select_clients`` -> ``train_clients`` -> ``filter_updates`` -> ``aggregate`` -> ``fuse`` ->
-    ``finish_round`` -> ``evaluate`` (the README's hook table names which hook each stage calls)."""
+    ``finish_round`` -> ``evaluate`` (docs/PLUGINS.md's hook table names which hook each stage calls)."""
 
-    def __init__(self, cfg: CellConfig, setup: Setup, plugins: Plugins, log=print):
-        self.cfg, self.setup, self.log = cfg, setup, log
+    def __init__(self, cfg: CellConfig, setup: Setup, plugins: Plugins, log=print, tracker=None):
+        self.cfg, self.setup, self.log, self.tracker = cfg, setup, log, tracker  # tracker: a Lightning logger
         self.attack, self.trigger = plugins.attack, plugins.trigger
         self.defense = plugins.defense if isinstance(plugins.defense, DefenseChain) else DefenseChain([plugins.defense])
         self.device, self.seed = setup.device, cfg.seed
@@ -498,6 +499,7 @@ class FederatedRun:
         t0 = time.perf_counter()
         pretrain(self.models, self.syn["pretrain"], cfg, self.setup, self.cache)
         pre = self.evaluate(0, seconds=time.perf_counter() - t0, defense_seconds=0.0)
+        log_round(self.tracker, pre)
         self.log(f"[{cfg.key()}] pre-training done: acc {pre['acc']:.2f} asr {pre['asr']:.2f}")
         bar = _progress(cfg)
         for r in range(1, cfg.fl.rounds + 1):
@@ -512,6 +514,7 @@ class FederatedRun:
                 spent = {f"{k}_seconds": t.seconds - before[k] for k, t in self.timers.items()}
                 row = self.evaluate(r, seconds=time.perf_counter() - t_round, **spent)
                 row.update(self.decisions(selected, aggregations, flags, ctx))
+                log_round(self.tracker, row)
                 bar.set_postfix(acc=f"{row['acc']:.1f}", asr=f"{row['asr']:.1f}")
             bar.update(1)
         bar.close()
@@ -541,8 +544,11 @@ def run_cell(cfg: CellConfig, out_dir: str | os.PathLike | None = None, log=prin
     started = time.time()
     L.seed_everything(cfg.seed, verbose=False)
     setup = prepare(cfg)
-    run = FederatedRun(cfg, setup, plugins or build_plugins(cfg), log)
+    tracker = round_logger(cfg.runtime.logger, out_dir, cfg.key(), flatten(cfg.to_dict()))
+    run = FederatedRun(cfg, setup, plugins or build_plugins(cfg), log, tracker)
     record = run.run()
+    if tracker is not None:
+        tracker.finalize("success")
     record["wall_seconds"] = time.time() - started
     if out_dir is not None:
         save_cell(record, run.models, Path(out_dir), run.defense.state_dict())

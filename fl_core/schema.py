@@ -236,6 +236,8 @@ class RuntimeConfig:
     progress: Bool = True
     # reuse stage outputs (pre-trained models, round-1 client models) of other cells with the same inputs
     stage_cache: Bool = True
+    # per-round metrics through a Lightning logger under <out>/logs (fl_core/tracking.py)
+    logger: Literal["csv", "tensorboard", "mlflow", "none"] = "csv"
 
 
 @dataclass

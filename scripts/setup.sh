@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  # Fashion-MNIST, and a LaTeX engine with booktabs (the tests compile the reports' tables.tex)
+  if [ ! -d /usr/share/datasets/fashion-mnist ] || ! command -v pdflatex >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    apt-get install -y -qq --no-install-recommends dataset-fashion-mnist texlive-latex-base \
+      texlive-latex-recommended >/dev/null
   fi
 fi
 
@@ -16,10 +18,11 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# torch + torchvision first and pinned together (a CUDA build that also runs on the CPU; served
-# from local disk on the project's machines), then the project and its test extra.
-python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[test]"
+# torch + torchvision first, pinned together in constraints.txt (a CUDA build that also runs on the
+# CPU; served from local disk on the project's machines), then the project with every extra the
+# tests exercise.
+python -m pip install -q -c constraints.txt torch torchvision
+python -m pip install -q -c constraints.txt -e ".[test,fm,ray,tracking]"
 
 TARBALL=${CIFAR10_TARBALL:-../shared/data/cifar10-jpeg.tar.gz}
 if [ ! -d data/cifar10/train ] && [ -f "$TARBALL" ]; then

@@ -138,7 +138,7 @@ def test_runs_in_the_fl_loop_with_fusion_and_broadcast_options(tiny_config):
 
 
 def test_activation_evidence_plot_from_a_saved_cell(tiny_config, tiny_root, tmp_path, capsys):
-    from benchmarks.activations import main
+    from dev.activations import main
     from fl_core.fl import run_cell
 
     cfg = tiny_config({"defense": {"name": "actbound", "params": {"steps": 5}}, "fl": {"rounds": 1},
@@ -539,7 +539,7 @@ def test_shared_pixels_are_the_flagged_images_common_value_that_the_set_lacks():
 def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tiny_root, tmp_path, capsys):
     import yaml
 
-    from benchmarks.filter_diagnostic import main
+    from dev.filter_diagnostic import main
     from fl_core.schema import deep_merge
     from tests.conftest import TINY_OVERRIDES
 

@@ -1,7 +1,7 @@
 """The side-by-side summary matches cells by attack and defense and computes ratios from the files."""
 import json
 
-from benchmarks.side_by_side_summary import main
+from dev.side_by_side_summary import main
 
 
 def _cell(folder, attack, defense, acc, asr, fusion=(2.0, 4.0), params=None):

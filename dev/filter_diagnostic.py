@@ -1,7 +1,7 @@
 """How well do the abnormal-activation filter of ``actbound`` and the blur and occlusion signals of
 ``actaudit``'s audit find the poisoned synthetic samples?
 
-``python -m benchmarks.filter_diagnostic [--config cell.yaml] [--set k=v ...]`` pre-trains the global
+``python -m dev.filter_diagnostic [--config cell.yaml] [--set k=v ...]`` pre-trains the global
 model on the attacked synthetic set exactly as the FL loop does, runs the filter and the blur signal
 (neither sees which samples are poisoned) and scores them against the attack's ground truth, which only
 this diagnostic knows: recall and false-positive rate per threshold or blur sigma, and per-site score
@@ -23,7 +23,7 @@ from benchmarks.cli import add_cell_arguments, cell_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.filter_diagnostic", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dev.filter_diagnostic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cell_arguments(parser)
     parser.add_argument("--z", type=float, action="append", help="thresholds (default 2.5, 3.5, 5)")

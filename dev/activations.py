@@ -1,7 +1,7 @@
 """Evidence plot: per-layer activation distributions on clean vs triggered test inputs, before and after
 the learned activation bounds, and the cell model's ACC / ASR / RA without and with its bounds (printed:
 whether the backdoor lives in the weights or only gets past the clamps).
-``python -m benchmarks.activations CELL_DIR [--out plot.png]``.
+``python -m dev.activations CELL_DIR [--out plot.png]``.
 
 CELL_DIR is a cell output folder of a run with ``defense.name: actbound`` (it holds record.json,
 models/prototype0.pt and models/defense.pt). Test inputs are used for this picture only.
@@ -49,7 +49,7 @@ def bounded(model, bounds: dict, prototype: int = 0) -> BoundState:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.activations", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dev.activations", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cell", help="cell output folder")
     parser.add_argument("--out", help="PNG to write (default: CELL/activations.png)")

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 16's speed ratios against an older commit, timed one after the other on this machine:
-#   bash benchmarks/side_by_side.sh [REF] [OUT]      (REF default 45ad673, OUT default runs/side-by-side-REF)
+#   bash dev/side_by_side.sh [REF] [OUT]      (REF default 45ad673, OUT default runs/side-by-side-REF)
 # REF runs from a temporary git worktree with this checkout's .venv and data. Commits before the faithful
 # recipe (2c0db02) had other defaults, so REF's cells get the recipe's settings through --set: both sides
 # then compute the same cells. Every side starts from an empty cache (the dataset tensors are linked in).
@@ -76,4 +76,4 @@ timed fm_ref_threads1 "$OLD" python -m benchmarks.run "${RECIPE[@]}" "${CELL_SET
     --set runtime.threads=1 --set runtime.cache_dir="$(fresh_cache cache_grid_ref)" "${OLD_DATA[@]}" \
     --out "$OUT/fm_ref_threads1"
 
-python "$NEW/benchmarks/side_by_side_summary.py" "$OUT" "$REF"
+python "$NEW/dev/side_by_side_summary.py" "$OUT" "$REF"

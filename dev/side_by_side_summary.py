@@ -1,4 +1,4 @@
-"""Summary of ``benchmarks/side_by_side.sh``: ``python benchmarks/side_by_side_summary.py OUT REF``.
+"""Summary of ``dev/side_by_side.sh``: ``python dev/side_by_side_summary.py OUT REF``.
 
 Reads the wall seconds and the cells' ``record.json`` files the script left in OUT and writes
 ``summary.md`` and ``summary.json`` there: each speed ratio (REF's time over this checkout's) and, for
@@ -6,8 +6,8 @@ the grids, the largest difference in ACC / ASR between cells with the same attac
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -85,4 +85,9 @@ def main(out: Path, ref: str) -> dict:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    parser = argparse.ArgumentParser(prog="python dev/side_by_side_summary.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the folder dev/side_by_side.sh wrote")
+    parser.add_argument("ref", help="the reference commit it compared against")
+    args = parser.parse_args()
+    main(args.out, args.ref)
