@@ -3,7 +3,8 @@
 Writes ``cells.csv`` / ``cells.parquet`` (one row per cell: axes, every parameter, ACC, ASR, RA, ACC
 drops, timings, versions), ``rounds.csv`` (per-round curves), ``tables.md`` and ``tables.tex``
 (mean +- std over seeds; the paper layouts: attack table ACC/ASR per attack, defense table
-ACC drop / ASR per defense x attack) and PNG plots (bars, curves against rounds, ACC-ASR trade-off).
+ACC drop / ASR per defense x attack) and PNG plots (``benchmarks/plots.py``: bars, curves against
+rounds, ACC-ASR trade-off; for a zoo grid the ASR CDF instead).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.plots import write_plots
 from benchmarks.zoo_report import cdf_plot, zoo_tables
 from fl_core.schema import CellConfig, from_dict
 from fl_core.storage import read_json
@@ -105,12 +107,47 @@ def summary_table(cells: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     cols += [m for m in DETECTION if m in done and done[m].notna().any()]
     if done.empty:
         return pd.DataFrame(columns=group + cols + ["seeds"])
-    if not group:
-        done = done.assign(_all="all")
-        group = ["_all"]
+    if not group:  # one row over every cell, no grouping column
+        return pd.DataFrame([{**{c: _mean_std(done[c]) for c in cols}, "seeds": len(done)}])
     table = done.groupby(group, sort=False).agg({c: _mean_std for c in cols})
     table["seeds"] = done.groupby(group, sort=False).size()
     return table.reset_index()
+
+
+SUITE_DEFENSES = ("actbound", "actaudit")  # the paper's defense and the suite's default, named in every summary
+BITES = 20.0  # undefended ASR (%) from which an attack counts as biting in the summary
+
+
+def headline(cells: pd.DataFrame, axes: list[str], limit: int = 5) -> list[str]:
+    """At most ``limit`` lines of what a grid shows: per attack that bites undefended (and per value of
+    the other axes), the undefended ACC / ASR, the defense with the lowest ASR among those within 3 ACC
+    points, and the paper's and the suite's defenses."""
+    attack, defense = _role(axes, "attack"), _role(axes, "defense")
+    done = cells[cells["status"] == "done"]
+    if attack is None or defense is None or done.empty:
+        return []
+    others = [a for a in axes if a not in (attack, defense, "seed")]
+    lines = []
+    for values, group in done.groupby(others + [attack], sort=False):
+        means = group.groupby(defense, sort=False).agg(
+            acc=("acc", "mean"), asr=("asr", "mean"), drop=("acc_drop_vs_undefended", "mean"),
+            name=("defense_name", "first"))
+        undefended = means[means["name"] == "none"]
+        if undefended.empty or undefended["asr"].iloc[0] < BITES:
+            continue
+        parts = [f"undefended ACC {undefended['acc'].iloc[0]:.1f} / ASR {undefended['asr'].iloc[0]:.1f}"]
+        defended = means[means["name"] != "none"]
+        within = defended[defended["drop"] <= 3]
+        if not within.empty:
+            best = within["asr"].idxmin()
+            parts.append(f"lowest ASR at an ACC drop <= 3: {best} {within.loc[best, 'asr']:.1f}")
+        parts += [f"{label} {row['asr']:.1f} (ACC drop {row['drop']:.1f})" for label, row in defended.iterrows()
+                  if row["name"] in SUITE_DEFENSES]
+        where = " | ".join(str(v) for v in (values if isinstance(values, tuple) else (values,)))
+        lines.append(f"- **{where}**: " + "; ".join(parts))
+    if len(lines) > limit:
+        lines = lines[:limit - 1] + [f"- ... {len(lines) - limit + 1} more attack settings in the tables below"]
+    return lines or ["- No attack reaches 20 % ASR undefended in the finished cells."]
 
 
 def pretrained_table(rounds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -127,7 +164,7 @@ def pretrained_table(rounds: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     first = first.drop_duplicates(subset=group + [c for c in ("seed",) if c in first])
     table = first.groupby(group, sort=False).agg({"acc": _mean_std, "asr": _mean_std})
     table["seeds"] = first.groupby(group, sort=False).size()
-    return table.reset_index()
+    return table.reset_index().drop(columns=["_all"], errors="ignore")
 
 
 def pivot(cells: pd.DataFrame, rows: list[str], column: str, fmt) -> pd.DataFrame:
@@ -139,7 +176,7 @@ def pivot(cells: pd.DataFrame, rows: list[str], column: str, fmt) -> pd.DataFram
     if not rows:
         done = done.assign(_all="all")
     out = done.groupby(keys + [column], sort=False).apply(fmt, include_groups=False).unstack(column)
-    return out.fillna("-").reset_index()  # "-": no cell ran for that combination
+    return out.fillna("-").reset_index().drop(columns=["_all"], errors="ignore")  # "-": no cell ran there
 
 
 def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame]:
@@ -171,106 +208,6 @@ def paper_tables(cells: pd.DataFrame, axes: list[str]) -> dict[str, pd.DataFrame
     return tables
 
 
-def row_names(frame: pd.DataFrame, group: list[str]) -> pd.Series:
-    """One name per row from its labels on ``group`` ("-" where a cell predates an axis and lacks it)."""
-    return frame[group].fillna("-").astype(str).agg(" | ".join, axis=1)
-
-
-def _plots(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = cells[cells["status"] == "done"]
-    if done.empty:
-        return []
-    group = [a for a in axes if a != "seed"] or ["key"]
-    name = row_names(done, group)
-    agg = done.assign(name=name).groupby("name", sort=False)[["acc", "asr"]].agg(["mean", "std"])
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(agg) + 2), 4.5))
-    x = range(len(agg))
-    ax.bar([i - 0.2 for i in x], agg[("acc", "mean")], 0.4, yerr=agg[("acc", "std")].fillna(0), label="ACC")
-    ax.bar([i + 0.2 for i in x], agg[("asr", "mean")], 0.4, yerr=agg[("asr", "std")].fillna(0), label="ASR")
-    ax.set_xticks(list(x), agg.index, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    ax.set_title(" | ".join(group))
-    fig.tight_layout()
-    paths.append(out / "bars.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    if not rounds.empty:
-        fig, axs = plt.subplots(1, 2, figsize=(11, 4.2))
-        r_name = row_names(rounds, group) if group != ["key"] else rounds["key"]
-        curves = rounds.assign(name=r_name).groupby(["name", "round"], sort=False)[["acc", "asr"]].mean()
-        for label_, frame in curves.groupby(level=0, sort=False):
-            for metric, axis in zip(("asr", "acc"), axs):
-                axis.plot(frame.index.get_level_values(1), frame[metric], marker="o", ms=3, label=label_)
-        for metric, axis in zip(("ASR", "ACC"), axs):
-            axis.set_xlabel("round")
-            axis.set_ylabel(f"{metric} (%)")
-            axis.set_ylim(0, 100)
-        axs[1].legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
-        paths.append(out / "curves.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-
-    paths.append(tradeoff_plot(done, axes, out / "tradeoff.png"))
-    plt.close("all")
-    return paths
-
-
-def tradeoff_plot(done: pd.DataFrame, axes: list[str], path: Path) -> Path:
-    """ACC against ASR: one panel per attack (and per other non-seed axis value), one marker per defense
-    with a legend, mean over seeds with std error bars."""
-    import matplotlib.pyplot as plt
-
-    attack, defense = _role(axes, "attack"), _role(axes, "defense")
-    panel_axes = [a for a in axes if a not in (defense, "seed")]
-    panels = done.groupby(panel_axes, sort=False) if panel_axes else [("all", done)]
-    panels = list(panels)
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axs = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.0 * rows), squeeze=False)
-    names = list(dict.fromkeys(done[defense] if defense else ["all"]))
-    markers = "osD^v<>pPX*h+x"
-    colors = plt.get_cmap("tab20")
-    for i, (key, frame) in enumerate(panels):
-        ax = axs[i // cols][i % cols]
-        for j, name in enumerate(names):
-            group = frame[frame[defense] == name] if defense else frame
-            if group.empty:
-                continue
-            ax.errorbar(group["asr"].mean(), group["acc"].mean(), xerr=group["asr"].std(ddof=1) if len(group) > 1 else 0,
-                        yerr=group["acc"].std(ddof=1) if len(group) > 1 else 0, marker=markers[j % len(markers)],
-                        color=colors(j % 20), linestyle="none", ms=6, capsize=2, label=name)
-        ax.set_title(" | ".join(map(str, key if isinstance(key, tuple) else (key,))), fontsize=8)
-        ax.set_xlim(-3, 103)
-        ax.set_xlabel("ASR (%)")
-        ax.set_ylabel("ACC (%)")
-    for k in range(len(panels), rows * cols):
-        axs[k // cols][k % cols].axis("off")
-    handles, labels = axs[0][0].get_legend_handles_labels()
-    for ax in axs.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
-    fig.suptitle("ACC against ASR per " + (attack or "cell") + " (upper left is better; bars: std over seeds)",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * (-(-len(labels) // 6)), 1, 0.97))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def write_report(out: str | Path) -> list[Path]:
     """Regenerate every table and plot of a grid output folder; returns the files written."""
     out = Path(out)
@@ -284,6 +221,9 @@ def write_report(out: str | Path) -> list[Path]:
     md = [f"# Grid `{grid['grid']}` at scale `{grid['scale']}`", "",
           grid.get("description", "").strip(), "", *command_lines(grid), "",
           f"Cells: {status}. Mean ± std over the finished seeds; each row's `seeds` column counts them.", ""]
+    summary = [] if "zoo" in axes else headline(cells, axes)
+    if summary:
+        md += ["## In short (mean ASR %, ACC drop against the undefended cell)", "", *summary, ""]
     tex = []
     zoo_axis = "zoo" in axes
     tables = {**(zoo_tables(cells) if zoo_axis else {}), "Summary": summary_table(cells, axes),
@@ -294,7 +234,7 @@ def write_report(out: str | Path) -> list[Path]:
         if table.empty:
             continue
         md += [f"## {title}", "", table.to_markdown(index=False), ""]
-        tex += [f"% {title}", table.to_latex(index=False), ""]
+        tex += [latex_table(table, title, f"{grid['grid']}-{len(tex) + 1}"), ""]
     failed = cells[cells["status"].isin(["failed", "n/a"])]
     if not failed.empty:
         md += ["## Failed or not applicable cells", ""]
@@ -306,10 +246,29 @@ def write_report(out: str | Path) -> list[Path]:
     (out / "tables.md").write_text("\n".join(md))
     (out / "tables.tex").write_text("\n".join(tex))
     written += [out / "tables.md", out / "tables.tex"]
-    written += _plots(cells, rounds, axes, out)
-    if zoo_axis:
+    if zoo_axis:  # a panel per draw says nothing: the CDF over draws does
         written += [p for p in [cdf_plot(cells, out / "zoo_cdf.png")] if p is not None]
+    else:
+        written += write_plots(cells, rounds, axes, out)
     return written
+
+
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """Plain text -> LaTeX text (the ten special characters escaped, ± and <= as math)."""
+    out = "".join(LATEX_SPECIALS.get(ch, ch) for ch in text)
+    return out.replace("±", r"$\pm$").replace("<=", r"$\leq$").replace(">=", r"$\geq$")
+
+
+def latex_table(table: pd.DataFrame, title: str, label: str) -> str:
+    """A booktabs ``table`` environment with caption and label; every header and cell escaped."""
+    body = table.rename(columns=lambda c: latex_escape(str(c))).map(
+        lambda v: latex_escape(v) if isinstance(v, str) else v)
+    return body.to_latex(index=False, escape=False, caption=latex_escape(title), label=f"tab:{label}",
+                         position="htbp", na_rep="-", float_format="%.2f")
 
 
 def command_lines(grid: dict) -> list[str]:
@@ -323,11 +282,22 @@ def command_lines(grid: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
-    parser.add_argument("out", help="a grid output folder (holds grid.json)")
+    parser.add_argument("out", help="a grid output folder (holds grid.json); with --leaderboard, a folder of them")
+    parser.add_argument("--leaderboard", action="store_true",
+                        help="gather every grid folder under OUT into OUT/LEADERBOARD.md and OUT/leaderboard.csv")
     args = parser.parse_args(argv)
-    if not (Path(args.out) / "grid.json").is_file():
+    if args.leaderboard:
+        from benchmarks.leaderboard import write_leaderboard
+
+        try:
+            written = write_leaderboard(args.out)
+        except FileNotFoundError as err:
+            parser.exit(2, f"error: {err}\n")
+    elif not (Path(args.out) / "grid.json").is_file():
         parser.exit(2, f"error: {args.out} holds no grid.json (not a grid output folder)\n")
-    for path in write_report(args.out):
+    else:
+        written = write_report(args.out)
+    for path in written:
         print(f"wrote {path}")
     return 0
 

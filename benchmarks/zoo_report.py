@@ -80,7 +80,9 @@ def cdf_plot(cells: pd.DataFrame, path: Path, colours: dict[str, object] | None 
         return None
     threats = [t for t in ("fm", "classic") if (done["threat"] == t).any()]
     defenses = list(dict.fromkeys(done[DEFENSE_AXIS]))
-    colours = colours or {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(defenses)}
+    from benchmarks.plots import colours as palette
+
+    colours = colours or palette(defenses)
     fig, axs = plt.subplots(1, len(threats), figsize=(5 * len(threats), 4), sharey=True, squeeze=False)
     for ax, threat in zip(axs[0], threats):
         part = done[done["threat"] == threat]

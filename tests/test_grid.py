@@ -268,8 +268,8 @@ def test_a_filtered_command_keeps_earlier_cells_the_preset_relabelled(tiny_root,
     assert labels == {old.key: "fm-old", new.key: "fm"}
 
 
-def test_plot_names_survive_cells_that_lack_a_later_axis():
-    from benchmarks.report import row_names
+def test_plot_panels_survive_cells_that_lack_a_later_axis():
+    from benchmarks.plots import panels
 
     frame = pd.DataFrame({"attack": ["fm", "fm"], "trigger": ["patch", float("nan")]})
-    assert row_names(frame, ["attack", "trigger"]).tolist() == ["fm | patch", "fm | -"]
+    assert [title for title, _ in panels(frame, ["attack", "trigger"])] == ["fm | patch", "fm | -"]
