@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cli import runtime_overrides
-from benchmarks.grid import expand, load_grid, resolve_grid_path
+from benchmarks.gridspec import expand, load_grid, resolve_grid_path
 from fl_core.config import load_config, validate
 from fl_core.data import ImageData
 from fl_core.schema import CellConfig, ConfigError, from_dict
@@ -188,8 +188,9 @@ def quality(configs: list[CellConfig]) -> list[dict]:
     the cell's model pre-trained on the set alone (its own pre-training, shared through the stage cache),
     ACC on the real test split as it is and brought down to the FM's resolution and back up (the share of
     the gap that resolution alone explains). Test data only measures the FM; nothing is chosen on it."""
-    from fl_core.fl import StageCache, initial_models, prepare, pretrain
+    from fl_core.fl import initial_models, prepare, pretrain
     from fl_core.metrics import accuracy, predict
+    from fl_core.stages import StageCache
     from fl_core.synthetic import at_resolution, synthetic_set
 
     rows = []
@@ -198,7 +199,7 @@ def quality(configs: list[CellConfig]) -> list[dict]:
         setup = prepare(cfg)
         data, _ = synthetic_set(setup.synthetic_request())
         models = initial_models(cfg, setup)
-        pretrain(models, data, cfg, setup, StageCache.for_cell(cfg, setup))
+        pretrain(models, data, cfg, setup, StageCache.for_cell(cfg, setup.cache_dir))
         model = models[0]
         test, size = setup.test, setup.dataset.image_shape[-1]
         fm_size = cfg.synthetic.ddpm.image_size or size

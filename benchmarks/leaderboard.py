@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.cli import CONFIG_DIR
+from benchmarks.results import load_results
 from benchmarks.zoo_report import zoo_cells
 
 DEV_GRIDS = CONFIG_DIR / "grids" / "dev"
@@ -29,8 +30,6 @@ def threat_of(attack: str) -> str | None:
 def gather(folder: Path) -> pd.DataFrame:
     """The finished cells of every grid folder under ``folder`` (not ``archive/``), one row each, with
     ``grid``, ``threat``, ``attack``, ``defense`` and, for zoo grids, ``passes`` / ``bites``."""
-    from benchmarks.report import load_results
-
     frames = []
     for manifest in sorted(folder.glob("*/grid.json")):
         cells, _, grid = load_results(manifest.parent)

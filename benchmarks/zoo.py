@@ -8,7 +8,7 @@ disjoint index ranges: **development** draws (``dev``, indices from 0) on which 
 the test draws measure families no defense was developed on.
 
 In a grid the axis named ``zoo`` takes ``{zoo: all | <family>, draws: dev | test, n: N, threat: fm |
-classic}`` and expands into N cells (``benchmarks.grid.expand``); each draw fixes the cell's seed
+classic}`` and expands into N cells (``benchmarks.gridspec.expand``); each draw fixes the cell's seed
 (test draws 0-2, development draws 100-102, by index).
 """
 from __future__ import annotations

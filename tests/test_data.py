@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fl_core.data import TensorBatches, augment, load_dataset, partition, partition_dirichlet, stratified_split
+from fl_core.data import TensorBatches, augment, load_dataset
+from fl_core.partition import partition, partition_dirichlet, stratified_split
 
 LABELS = np.repeat(np.arange(10), 200)  # 2000 samples, 10 balanced classes
 

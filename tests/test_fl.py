@@ -10,11 +10,12 @@ from torch import nn
 import defenses
 from attacks.triggers import PatchTrigger, PerClassTrigger
 from fl_core.data import ImageData, batch_loader
-from fl_core.fl import cpu_model, run_cell, sample_clients
+from fl_core.fl import run_cell, sample_clients
 from fl_core.hooks import Defense
 from fl_core.metrics import backdoor_test_set, evaluate
 from fl_core.modules import SupervisedModule, distillation_loss, ensemble_logits, fit
 from fl_core.schema import BackdoorConfig, OptimConfig
+from fl_core.stages import cpu_model
 from fl_core.updates import fedavg
 
 
@@ -223,7 +224,7 @@ def test_subsets_and_joins_keep_the_stamped_mask():
     assert joined.stamped.source.tolist() == [0, 1, 2, 3, 0, 1, 2]
     assert joined.subset(torch.tensor([5, 1])).stamped.source.tolist() == [1, 1]
     assert a.concat(b).stamped.source is None
-    from fl_core.fl import data_digest
+    from fl_core.stages import data_digest
 
     other = ImageData(c.images, c.labels, c.classes, Stamped(per_class, c.stamped.mask, c.labels + 1))
     assert data_digest(other) != data_digest(c)  # the true classes decide the pattern: part of the content

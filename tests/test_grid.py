@@ -8,8 +8,10 @@ from conftest import TINY_OVERRIDES
 
 import attacks
 from benchmarks import grid as grid_mod
+from benchmarks import gridspec
 from benchmarks.cli import estimate_seconds
-from benchmarks.grid import GridSpec, cell_status, expand, load_grid, main
+from benchmarks.grid import cell_status, main
+from benchmarks.gridspec import GridSpec, expand, load_grid
 from benchmarks.report import paper_tables, summary_table, write_report
 from fl_core.hooks import Attack
 from fl_core.schema import ConfigError, deep_merge
@@ -68,9 +70,9 @@ def test_invalid_cells_fail_before_compute_naming_the_cell(tiny_root, tmp_path):
 
 def test_presets_expand_at_both_scales():
     """Every preset at every scale; the development grids (``dev/``) at their cpu scale."""
-    assert len(grid_mod.presets()) <= 14  # the user's list stays short: selections go to dev/
-    for folder, scales in ((grid_mod.GRID_DIR, None), (grid_mod.DEV_GRID_DIR, ["cpu"])):
-        for name in grid_mod.presets(folder):
+    assert len(gridspec.presets()) <= 14  # the user's list stays short: selections go to dev/
+    for folder, scales in ((gridspec.GRID_DIR, None), (gridspec.DEV_GRID_DIR, ["cpu"])):
+        for name in gridspec.presets(folder):
             spec = load_grid(folder / f"{name}.yaml")
             for scale in scales or spec.scales:
                 assert expand(spec, scale), (name, scale)
@@ -115,7 +117,7 @@ def test_resume_failed_capture_and_interrupt(tiny_root, tmp_path, monkeypatch):
     record.write_text(record.read_text()[:40])
     (out / "cells" / cells[2].key / "status.json").write_text('{"status": "fai')
     assert cell_status(out, cells[0].key) == "pending" and cell_status(out, cells[2].key) == "pending"
-    from benchmarks.report import load_results
+    from benchmarks.results import load_results
 
     table = load_results(out)[0].set_index("key")["status"]
     assert table[cells[0].key] == "pending" and table[cells[1].key] == "done"
@@ -229,7 +231,7 @@ def test_an_unwritable_output_folder_is_refused_before_compute(tmp_path, capsys)
 
 
 def test_parallel_schedule_puts_one_cell_of_each_stage_group_first():
-    cells = expand(load_grid(grid_mod.GRID_DIR / "default.yaml"), "cpu")
+    cells = expand(load_grid(gridspec.GRID_DIR / "default.yaml"), "cpu")
     assert grid_mod.schedule(cells, 1) == cells
     order = grid_mod.schedule(cells, 2)
     assert sorted(c.key for c in order) == sorted(c.key for c in cells)

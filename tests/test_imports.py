@@ -74,3 +74,10 @@ def test_packages_import_only_downwards():
 
 def test_the_checker_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_module_imports():
+    import importlib
+
+    for name in sorted(import_graph()):
+        importlib.import_module(name)

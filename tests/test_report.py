@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.plots import DPI, PANEL_SIZE
-from benchmarks.report import headline, load_results, main, write_report
+from benchmarks.report import headline, main, write_report
+from benchmarks.results import load_results
 from fl_core.schema import CellConfig, from_dict
 
 

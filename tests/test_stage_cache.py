@@ -64,11 +64,11 @@ def test_changing_an_input_of_a_stage_misses_the_cache(tiny_config, tmp_path):
 
 
 def test_another_cpu_model_misses_the_cache(tiny_config, tmp_path, monkeypatch):
-    import fl_core.fl
+    import fl_core.stages
 
     _run(tiny_config, tmp_path, "here")
     before = _entries(tmp_path)
-    monkeypatch.setattr(fl_core.fl, "cpu_model", lambda: "another CPU")  # its kernels change the last digits
+    monkeypatch.setattr(fl_core.stages, "cpu_model", lambda: "another CPU")  # its kernels change the last digits
     _run(tiny_config, tmp_path, "there")
     assert len(_entries(tmp_path) - before) == 2
 

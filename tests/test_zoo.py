@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY_OVERRIDES, write_tiny_imagefolder
 
 from benchmarks import zoo
-from benchmarks.grid import GridSpec, expand, load_grid, resolve_grid_path
+from benchmarks.gridspec import GridSpec, expand, load_grid, resolve_grid_path
 from benchmarks.zoo_report import cdf_plot, zoo_cells, zoo_tables
 from fl_core.schema import ConfigError, deep_merge
 
@@ -75,7 +75,7 @@ def test_the_zoo_axis_expands_into_valid_cells_and_keeps_test_only_families_unde
     assert all(c.config.seed >= 100 for c in cells)
     assert {c.labels["zoo"].rsplit("-", 1)[1] for c in cells} == {"fm", "classic"}
     with pytest.raises(ConfigError, match="seed"):
-        from benchmarks.grid import check_rules
+        from benchmarks.gridspec import check_rules
         check_rules(GridSpec("z", axes={"zoo": [], "seed": [0]}), "z.yaml")
 
 

@@ -1,0 +1,106 @@
+"""What cells share and what a record names: the stage cache (outputs of training stages keyed by the
+content of their inputs), the digests that key it, and the versions of the code and machine."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fl_core.data import ImageData
+from fl_core.hooks import State
+from fl_core.schema import CellConfig
+from fl_core.storage import load_tensors, save_tensors, tensor_digest
+
+
+def versions() -> dict:
+    import lightning
+    import torchvision
+
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "lightning": lightning.__version__, "git_commit": commit, "platform": platform.platform(),
+            "cpu": cpu_model()}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name: float results on the CPU are reproducible on the same model, and their last
+    digits (which training lets grow) change across models."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class StageCache:
+    """Outputs of training stages that cells share (``<cache>/stages/<key>.pt``), keyed by a hash of
+    exactly what determines them: every input tensor's content and every setting the stage reads. A
+    defense, the rounds or the fusion settings do not enter the pre-training key, so the cells of a
+    grid that differ only there pre-train once; round 1's client training is shared the same way
+    while the defense leaves the broadcast model alone (``Defense.changes_broadcast``). Writes are
+    atomic (safe under two runners)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder  # None: disabled
+
+    @classmethod
+    def for_cell(cls, cfg: CellConfig, cache_dir: Path) -> StageCache:
+        """The cache a cell uses: under its cache folder, unless ``runtime.stage_cache`` is off."""
+        return cls(cache_dir / "stages" if cfg.runtime.stage_cache else None)
+
+    @staticmethod
+    def key(*parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def load(self, key: str) -> dict | None:
+        return load_tensors(self.folder / f"{key}.pt") if self.folder is not None else None
+
+    def save(self, key: str, blob: dict) -> None:
+        if self.folder is not None:
+            save_tensors(self.folder / f"{key}.pt", blob)
+
+    def cached(self, key: str, compute: Callable[[], dict]) -> dict:
+        """The stored blob of ``key``, or ``compute()`` stored under it (computed only, when disabled)."""
+        blob = self.load(key)
+        if blob is None:
+            blob = compute()
+            self.save(key, blob)
+        return blob
+
+
+def data_digest(data: ImageData) -> str:
+    """Content hash of a labelled set, including which samples carry a pasted trigger."""
+    mask = data.stamped.mask if data.stamped is not None else torch.zeros(0, dtype=torch.bool)
+    source = [data.stamped.source] if data.stamped is not None and data.stamped.source is not None else []
+    return tensor_digest(data.images, data.labels, mask, *source)
+
+
+def model_digest(models: list[nn.Module]) -> str:
+    return tensor_digest(*[v for m in models for v in m.state_dict().values()])
+
+
+def cpu_state(model: nn.Module) -> State:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def training_settings(cfg: CellConfig, device: torch.device) -> list:
+    """What every training stage of a cell reads besides its data: seed, precision, device kind, CPU threads
+    and CPU model (both change the last digits), augmentation, trigger."""
+    return [cfg.seed, cfg.precision, device.type, cfg.runtime.threads, cfg.data.augment, dataclasses.asdict(cfg.backdoor),
+            cpu_model()]
