@@ -209,7 +209,10 @@ class FederatedRun:
         f = self.cfg.fl
         return ServerContext(round=r, seed=self.seed, device=self.device, num_classes=self.setup.dataset.num_classes,
                              synthetic=self.server_synthetic, num_prototypes=self.n_protos, rounds=f.rounds,
-                             client_training=ClientTraining(f.client, f.local_epochs, self.cfg.data.augment))
+                             client_training=ClientTraining(f.client, f.local_epochs, self.cfg.data.augment),
+                             pretraining=ClientTraining(self.cfg.pretrain.optim,
+                                                        self.cfg.pretrain.epochs if self.cfg.pretrain.enabled else 0,
+                                                        self.cfg.data.augment))
 
     def prototype_context(self, ctx: ServerContext, p: int) -> ServerContext:
         """With several prototypes, each prototype's hooks report into their own decision dict."""

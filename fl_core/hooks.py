@@ -56,7 +56,7 @@ class ClientTraining:
 class ServerContext:
     """What the server knows in a round. ``synthetic`` is the set as the FM delivered it (which samples
     an attack poisoned is not part of it); ``client_training`` is what the server prescribes to clients;
-    ``report`` is the decision channel: what a defense decided lands in the round's row of ``rounds.csv``."""
+    ``pretraining`` is the server's own recipe for training on synthetic data; ``report`` is the decision channel: what a defense decided lands in the round's row of ``rounds.csv``."""
 
     round: int  # 0 = before the first round (pre-training), then 1..rounds
     seed: int
@@ -66,6 +66,7 @@ class ServerContext:
     num_prototypes: int = 1
     rounds: int = 1  # total rounds of the run
     client_training: ClientTraining | None = None
+    pretraining: ClientTraining | None = None  # the server's own pre-training recipe on synthetic data
     decisions: dict = field(default_factory=dict)
 
     @property

@@ -106,7 +106,11 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 class Claim:
     """An exclusive claim on one unit of work (a grid cell), taken with ``O_EXCL`` so that two runners
     on one folder never compute the same cell. A claim whose owner process is gone (killed) or older
-    than ``stale_seconds`` (another machine that died) is stale and may be taken over."""
+    than ``stale_seconds`` (another machine that died) is stale and may be taken over.
+
+    Not ``filelock``: its OS locks are unreliable on the network file systems a shared grid folder
+    lives on, and its soft lock keeps no owner, so a killed runner's lock could not be told from a live
+    one; the claim file records host, pid and time for exactly that."""
 
     def __init__(self, path: Path, stale_seconds: float = 24 * 3600):
         self.path, self.stale_seconds, self.held = Path(path), stale_seconds, False

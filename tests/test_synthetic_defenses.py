@@ -1,0 +1,154 @@
+"""The synthetic-set baselines (spectral signatures, activation clustering, ABL, label-free fusion) on a
+hand-made poisoned set, and each one through a tiny FL run under FedDF and FedAvg."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from defenses import DEFENSES
+from defenses._synthetic import features_and_logits, retrain
+from fl_core import run_cell
+from fl_core.data import ImageData
+from fl_core.hooks import ClientTraining, FusionPlan, ServerContext
+from fl_core.schema import OptimConfig
+
+
+def poisoned_set(n=200, poisoned=20, seed=0):
+    """Label-0 images of low noise; the first ``poisoned`` carry a bright 4x4 corner patch."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 60, (n, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    images[:poisoned, :, :4, :4] = 255
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[:poisoned] = True
+    return ImageData(images, torch.zeros(n, dtype=torch.long), ["a", "b"]), truth
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def ctx_for(data, round_idx=1):
+    recipe = ClientTraining(OptimConfig(lr=1e-3, batch_size=16), 1, False)
+    return ServerContext(round_idx, 0, torch.device("cpu"), 2, data, client_training=recipe, pretraining=recipe)
+
+
+@pytest.mark.parametrize("name", ["spectral", "actclust"])
+def test_feature_space_detectors_find_a_pasted_patch_cluster(name):
+    data, truth = poisoned_set()
+    flagged = DEFENSES.get(name)().flag(toy_model(), ctx_for(data))
+    assert flagged[truth].float().mean() >= 0.9  # recall
+    assert flagged.sum() <= 0.15 * len(truth) + 1  # spectral removes 15 %; the cluster is 10 %
+
+
+def test_activation_clustering_flags_a_cluster_only_up_to_its_relative_size():
+    data, _ = poisoned_set()  # the patch cluster is 10 % of the label
+    assert not DEFENSES.get("actclust")(max_share=0.05).flag(toy_model(), ctx_for(data)).any()
+
+
+def test_abl_isolates_the_lowest_loss_samples(monkeypatch):
+    data, truth = poisoned_set()
+    logits = torch.zeros(len(truth), 2)
+    logits[truth, 0] = 9.0  # the fitted backdoor: near-zero loss
+    logits[~truth, 0] = torch.linspace(0, 2, int((~truth).sum()))
+    monkeypatch.setattr("defenses.abl.features_and_logits", lambda *a, **k: (None, logits))
+    flagged = DEFENSES.get("abl")(isolation_rate=0.05).flag(toy_model(), ctx_for(data))
+    assert flagged.sum() == 10 and flagged[truth].sum() == 10
+
+
+def test_abl_unlearning_raises_the_isolated_samples_loss():
+    data, truth = poisoned_set()
+    model, ctx = toy_model(), ctx_for(data)
+    before = nn.functional.cross_entropy(features_and_logits(model, data.images[truth], ctx.device)[1], data.labels[truth])
+    DEFENSES.get("abl")(unlearn_epochs=5, lr=0.05).remedy(model, ~truth, ctx)
+    after = nn.functional.cross_entropy(features_and_logits(model, data.images[truth], ctx.device)[1], data.labels[truth])
+    assert after > before + 0.5
+
+
+def test_retraining_starts_afresh_and_is_seeded():
+    data, truth = poisoned_set()
+    a, b, ctx = toy_model(1), toy_model(2), ctx_for(data)
+    for model in (a, b):
+        retrain(model, data.images[~truth], data.labels[~truth], ctx.pretraining, seed=5, accelerator="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_filter_then_retrain_keeps_flagged_samples_out_of_fusion():
+    data, truth = poisoned_set()
+    defense, model, ctx = DEFENSES.get("spectral")(), toy_model(), ctx_for(data)
+    untouched = copy.deepcopy(model)
+    defense.before_round(model, 0, ctx)
+    assert defense.changes_broadcast(1) and not defense.changes_broadcast(2)
+    assert not torch.equal(model[1].weight, untouched[1].weight)  # re-trained before the broadcast
+    plan = defense.on_fusion(FusionPlan(0, [], torch.ones(0), torch.ones(len(truth), dtype=torch.bool)), model, ctx)
+    assert (~plan.keep).sum() == len(ctx.decisions["flagged_synthetic"]) > 0
+
+
+def test_label_free_fusion_drops_every_label_and_the_pre_training():
+    data, _ = poisoned_set()
+    defense, model = DEFENSES.get("labelfree")(), toy_model()
+    untouched = copy.deepcopy(model)
+    defense.before_round(model, 0, ctx_for(data, round_idx=2))
+    assert torch.equal(model[1].weight, untouched[1].weight)  # only before round 1
+    defense.before_round(model, 0, ctx_for(data))
+    assert not torch.equal(model[1].weight, untouched[1].weight)
+    plan = defense.on_fusion(FusionPlan(0, [], torch.ones(0), torch.ones(len(data), dtype=torch.bool)), model,
+                             ctx_for(data))
+    assert plan.label_weight.eq(0).all()
+    assert not DEFENSES.get("labelfree")(pretrain="keep").changes_broadcast(1)
+    with pytest.raises(ValueError, match="pretrain 'never' unknown"):
+        DEFENSES.get("labelfree")(pretrain="never")
+
+
+@pytest.mark.parametrize("name", ["spectral", "actclust", "abl", "labelfree", "consensus"])
+@pytest.mark.parametrize("fusion", ["feddf", "fedavg"])
+def test_each_baseline_runs_a_cell(name, fusion, tiny_config, tmp_path):
+    cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": name}, "fl": {"fusion": fusion, "rounds": 1},
+                       "runtime": {"logger": "none"}})
+    record = run_cell(cfg, log=lambda *_: None)
+    assert 0 <= record["metrics"]["asr"] <= 100 and record["defense"]["name"] == name
+
+
+class PatchReader(nn.Module):
+    """Logits from whether the corner patch is there: ``patched`` for patched images, ``clean`` otherwise."""
+
+    def __init__(self, clean, patched):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("clean", torch.tensor(clean, dtype=torch.float))
+        self.register_buffer("patched", torch.tensor(patched, dtype=torch.float))
+
+    def forward(self, x):
+        bright = (x[:, :, :4, :4].mean((1, 2, 3)) > 0.9)[:, None]
+        return self.scale * torch.where(bright, self.patched, self.clean)
+
+
+def test_consensus_flags_labels_the_clients_do_not_support_and_corrects_them():
+    from fl_core.hooks import Aggregation, ClientUpdate
+
+    data, truth = poisoned_set()
+    received = PatchReader([5.0, 0.0], [5.0, 0.0])  # learned the poisoned label from the synthetic set
+    clients = [ClientUpdate(i, 0, 10, PatchReader([5.0, 0.0], [0.0, 5.0])) for i in range(3)]  # clean training
+    defense, ctx = DEFENSES.get("consensus")(), ctx_for(data)
+    defense.aggregate(Aggregation(clients, torch.ones(3)), received, ctx)
+    assert torch.equal(torch.tensor(ctx.decisions["flagged_synthetic"]), truth.nonzero().flatten())
+    plan = defense.on_fusion(FusionPlan(0, clients, torch.ones(3), torch.ones(len(truth), dtype=torch.bool)),
+                             received, ctx)
+    assert plan.label_weight[truth].eq(0).all() and plan.label_weight[~truth].eq(1).all()
+    assert plan.target_mask[truth, 0].all() and not plan.target_mask[~truth].any() and plan.keep.all()
+    assert defense.after_round(received, 0, ctx) is received  # fusion ran this round: nothing more
+
+
+def test_consensus_flags_nothing_where_clients_agree_and_corrects_under_fedavg():
+    from fl_core.hooks import Aggregation, ClientUpdate
+
+    data, truth = poisoned_set()
+    model = PatchReader([5.0, 0.0], [5.0, 0.0])
+    defense, ctx = DEFENSES.get("consensus")(fedavg_steps=3), ctx_for(data)
+    defense.aggregate(Aggregation([ClientUpdate(0, 0, 10, copy.deepcopy(model))], torch.ones(1)), model, ctx)
+    assert ctx.decisions["flagged_synthetic"] == []
+    defense._flagged = truth.clone()  # as a FedAvg round would have it
+    before = model.scale.item()
+    defense.after_round(model, 0, ctx_for(data, round_idx=2))  # no fusion this round: corrective fine-tuning
+    assert model.scale.item() != before
