@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 from fl_core.config import load_config
@@ -33,7 +37,10 @@ def add_stage_cache_argument(parser: argparse.ArgumentParser) -> None:
 def runtime_overrides(args: argparse.Namespace) -> list[str]:
     """``--data-root``, ``--device`` and ``--no-stage-cache`` as config overrides."""
     out = []
-    if args.data_root:
+    if args.data_root is not None:
+        if not Path(args.data_root).is_dir():
+            raise ConfigError(f"--data-root {args.data_root!r} is not a folder (a typo would fall back to another "
+                              "dataset's folder)")
         out.append(f"runtime.data_root={os.path.abspath(args.data_root)}")
     if args.device:
         out.append(f"runtime.device={args.device}")
@@ -67,8 +74,8 @@ def estimate_seconds(cfg: CellConfig, throughput: float = 1900.0) -> float:
 def check_budget(configs: list[CellConfig], max_hours: float) -> None:
     """A ConfigError, with the estimate, when a cell would run longer than ``max_hours`` (a typo such as
     ``fl.rounds=100000`` is caught before it occupies the machine for months)."""
-    if max_hours <= 0:
-        raise ConfigError(f"--max-hours must be > 0, got {max_hours}")
+    if not math.isfinite(max_hours) or max_hours <= 0:
+        raise ConfigError(f"--max-hours must be a finite number > 0, got {max_hours}")
     worst = max(configs, key=estimate_seconds, default=None)
     if worst is not None and estimate_seconds(worst) > max_hours * 3600:
         raise ConfigError(f"a cell ({worst.fl.rounds} rounds, {worst.fl.local_epochs} local epochs, model "
@@ -82,6 +89,12 @@ def cell_config(args: argparse.Namespace) -> CellConfig:
     return load_config(args.config or CONFIG_DIR / "cell.yaml", list(args.overrides) + runtime_overrides(args))
 
 
+def check_out(out: str | None) -> None:
+    """``--out`` names a folder when given: an empty one would silently write to the default."""
+    if out is not None and not out.strip():
+        raise ConfigError("--out is empty; name an output folder or leave --out out")
+
+
 def writable_folder(path: str | Path) -> Path:
     """Create ``path`` (with parents) and check that a file can be written in it, before any compute;
     a ConfigError says why not (a file in the way, no permission)."""
@@ -93,3 +106,20 @@ def writable_folder(path: str | Path) -> Path:
     except OSError as err:
         raise ConfigError(f"output folder {str(path)!r} is not writable: {err.strerror or err}") from err
     return path
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, SIGTERM (``kill``, a batch scheduler's stop) takes Ctrl-C's path: a grid's workers
+    stopped and its finished cells kept, a cell's partial output dropped; exit status 130."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

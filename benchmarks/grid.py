@@ -10,12 +10,9 @@ a setting is recorded as not applicable. At the end the report (tables, plots) i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,14 +24,18 @@ from benchmarks.cli import (
     add_budget_argument,
     add_stage_cache_argument,
     check_budget,
+    check_out,
     estimate_seconds,
     runtime_overrides,
+    sigterm_as_interrupt,
     writable_folder,
 )
 from benchmarks.gridspec import Cell, GridSpec, expand, load_grid, presets, resolve_grid_path
 from benchmarks.report import write_report
 from benchmarks.results import recorded_commands
 from fl_core.config import validate
+from fl_core.configfile import override_key
+from fl_core.records import read_record
 from fl_core.registry import import_plugins
 from fl_core.schema import CellConfig, ConfigError, from_dict
 from fl_core.storage import Claim, read_json, write_json
@@ -50,7 +51,7 @@ def cell_dir(out: Path, key: str) -> Path:
 def cell_status(out: Path, key: str) -> str:
     """``done``, ``n/a`` (not applicable), ``failed`` or ``pending``."""
     folder = cell_dir(out, key)
-    if read_json(folder / "record.json") is not None:
+    if read_record(folder, key) is not None:
         return "done"
     status = read_json(folder / "status.json")
     return status["status"] if status is not None else "pending"
@@ -244,23 +245,6 @@ def run_grid(cells: list[Cell], out: Path, *, executor: str = "local", jobs: int
     return counts
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside the block, SIGTERM (``kill``, a batch scheduler's stop) takes Ctrl-C's path: workers stopped,
-    finished cells kept, exit status 130."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a grid; carries the counts of the cells finished before it."""
 
@@ -272,8 +256,9 @@ class Interrupted(KeyboardInterrupt):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.grid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help=f"grid preset (default: default); one of: {', '.join(presets())}")
-    parser.add_argument("--config", help="a grid YAML file instead of a preset")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help=f"grid preset (default: default); one of: {', '.join(presets())}")
+    source.add_argument("--config", help="a grid YAML file instead of a preset")
     parser.add_argument("--scale", default="cpu", help="a scale the grid file names (default: cpu; most grids also have paper)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a cell config value in every cell (repeatable)")
@@ -297,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.exit(2, "config error: --jobs must be >= 1\n")
-    overrides = list(args.overrides) + ["runtime.progress=false"] + runtime_overrides(args)
     try:
+        quiet = [] if any(override_key(o) == "runtime.progress" for o in args.overrides) else ["runtime.progress=false"]
+        overrides = list(args.overrides) + quiet + runtime_overrides(args)
+        check_out(args.out)
         import_plugins(args.plugin)
         path = resolve_grid_path(args.preset, args.config)
         spec = load_grid(path)

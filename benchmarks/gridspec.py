@@ -14,7 +14,8 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from benchmarks import zoo
 from benchmarks.cli import CONFIG_DIR
 from fl_core.config import validate
-from fl_core.schema import CellConfig, ConfigError, apply_override, deep_merge, from_dict, load_yaml
+from fl_core.configfile import apply_override, check_overrides, deep_merge, load_yaml, override_key
+from fl_core.schema import CellConfig, ConfigError, from_dict
 
 GRID_DIR = CONFIG_DIR / "grids"
 GRID_KEYS = ("description", "base", "scales", "axes", "exclude", "include")
@@ -100,12 +101,16 @@ def check_rules(spec: GridSpec, where: Path | str) -> None:
     if spec.include and zoo.AXIS in spec.axes:
         raise ConfigError(f"{where}: 'include' cells cannot be combined with a 'zoo' axis")
     known = config_keys()
+    free = [k for k in known if k.rsplit(".", 1)[-1] in FREE_MAPPINGS]  # their keys are a plugin's own
     for kind, rules in (("exclude", spec.exclude), ("include", spec.include)):
         for rule in rules:
             for key in rule:
-                if key not in spec.axes and not any(key == k or key.startswith(k + ".") for k in known):
+                if key not in spec.axes and key not in known and not any(key.startswith(k + ".") for k in free):
                     raise ConfigError(f"{where}: {kind} rule key {key!r} is neither an axis "
                                       f"({', '.join(spec.axes) or 'none'}) nor a cell config key")
+
+
+FREE_MAPPINGS = ("params", "options", "class_prompts")  # config fields whose keys the config does not fix
 
 
 def config_keys() -> set[str]:
@@ -189,6 +194,14 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = (), 
     if not spec.scales and scale != "cpu":
         raise ConfigError(f"grid {spec.name!r} defines no scales; --scale {scale} would change nothing")
     filters = [_filter(item) for item in only]
+    check_overrides(overrides)
+    for key in map(override_key, overrides):
+        hit = next((a for a in spec.axes if key == a or key.startswith(a + ".") or a.startswith(key + ".")), None)
+        if hit is None and zoo.AXIS in spec.axes and any(key == k or key.startswith(k + ".") for k in zoo.SETS):
+            hit = zoo.AXIS
+        if hit is not None:
+            raise ConfigError(f"--set {key} would overwrite the grid axis {hit!r} in every cell; "
+                              f"select its values with --only {hit}=VALUE instead")
     base = deep_merge(spec.base, spec.scales.get(scale) or {})
     axes = {axis: zoo_values(values) if axis == zoo.AXIS else values for axis, values in spec.axes.items()}
     names = list(axes)

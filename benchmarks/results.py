@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fl_core.records import read_record
 from fl_core.schema import CellConfig, from_dict
 from fl_core.storage import read_json
 from fl_core.tracking import flatten
@@ -50,7 +51,7 @@ def load_results(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     for cell in grid["cells"]:
         folder = out / "cells" / cell["key"]
         row = {"key": cell["key"], **cell["labels"]}
-        rec, st = read_json(folder / "record.json"), read_json(folder / "status.json")
+        rec, st = read_record(folder, cell["key"]), read_json(folder / "status.json")
         if rec is not None:
             row.update(status="done", **rec["metrics"], **detection_means(rec["rounds"]), wall_seconds=rec["wall_seconds"],
                        defense_seconds=rec["defense_seconds"], torch=rec["versions"]["torch"],

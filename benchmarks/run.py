@@ -6,8 +6,16 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.cli import add_cell_arguments, cell_config, check_budget, writable_folder
+from benchmarks.cli import (
+    add_cell_arguments,
+    cell_config,
+    check_budget,
+    check_out,
+    sigterm_as_interrupt,
+    writable_folder,
+)
 from fl_core.schema import ConfigError, config_schema
+from fl_core.storage import read_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +34,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         check_budget([cfg], args.max_hours)
+        check_out(args.out)
         out = writable_folder(args.out or Path("runs") / "cells" / cfg.key())
+        other = read_json(out / "record.json")
+        if other is not None and other.get("key") != cfg.key():
+            raise ConfigError(f"--out {str(out)!r} holds the record of another cell ({other.get('key')}); "
+                              "choose another folder")
     except (ConfigError, KeyError, ImportError) as err:
         parser.exit(2, f"config error: {err}\n")
     from fl_core.fl import run_cell
 
     try:
-        record = run_cell(cfg, out)
+        with sigterm_as_interrupt():
+            record = run_cell(cfg, out)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing of this cell was kept; rerun the same command", file=sys.stderr)
         return 130

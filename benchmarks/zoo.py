@@ -21,6 +21,7 @@ from fl_core.schema import ConfigError
 from fl_core.seeding import derive_seed
 
 AXIS = "zoo"
+SETS = ("seed", "backdoor", "attack", "fl.fusion")  # the config keys a draw sets
 DEV_START, TEST_START = 0, 1_000_000
 RANGES = {"dev": (DEV_START, TEST_START), "test": (TEST_START, 2 * TEST_START)}
 FAMILIES = ("patch", "blend", "warp", "object", "sig", "lowfreq", "ftrojan", "bpp", "refool")

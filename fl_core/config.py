@@ -9,18 +9,8 @@ import functools
 import json
 from pathlib import Path
 
-from fl_core.schema import (
-    SETTINGS,
-    CellConfig,
-    ConfigError,
-    ModelSpec,
-    apply_override,
-    check,
-    check_param_types,
-    deep_merge,
-    from_dict,
-    load_yaml,
-)
+from fl_core.configfile import apply_override, check_overrides, deep_merge, load_yaml
+from fl_core.schema import SETTINGS, CellConfig, ConfigError, ModelSpec, check, check_param_types, from_dict
 from fl_core.tracking import missing_module
 
 
@@ -30,6 +20,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = copy.deepcopy(base or {})  # overrides edit nested sections in place: never the caller's
     if path is not None:
         data = deep_merge(data, load_yaml(path))
+    check_overrides(overrides)
     for item in overrides:
         apply_override(data, item)
     cfg = from_dict(CellConfig, data)

@@ -159,7 +159,7 @@ def pretrain(models: list[nn.Module], data: ImageData, cfg: CellConfig, setup: S
     key = cache.key("pretrain", model_digest(models), data_digest(data), dataclasses.asdict(cfg.pretrain),
                     training_settings(cfg, setup.device))
     blob = cache.load(key)
-    if blob is not None:
+    if blob is not None and len(blob.get("models", [])) == len(models):  # one pre-trained state per model
         for model, state in zip(models, blob["models"]):
             model.load_state_dict(state)
         return

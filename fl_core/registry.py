@@ -30,10 +30,33 @@ def load_builtins() -> None:
 class Registry(Generic[T]):
     """A named collection of factories (classes or functions)."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None):
+    def __init__(self, kind: str, entry_point_group: str | None = None, base: str | None = None):
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.base = base  # the name of the fl_core.hooks class every entry must subclass, if any
         self._entries: dict[str, T] = {}
+
+    def check_entry(self, name: str, obj) -> None:
+        """A TypeError unless ``obj`` subclasses the registry's base class and every hook it overrides takes
+        the base hook's parameters (a wrong signature would only fail rounds into a run)."""
+        import inspect
+
+        from fl_core import hooks
+
+        base = getattr(hooks, self.base)
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            raise TypeError(f"{self.kind} {name!r}: {obj!r} is not a subclass of fl_core.hooks.{self.base}")
+        for hook, original in vars(base).items():
+            if hook.startswith("_") or not inspect.isfunction(original) or getattr(obj, hook) is original:
+                continue
+            want = list(inspect.signature(original).parameters)
+            got = inspect.signature(getattr(obj, hook)).parameters
+            required = [p for p, v in got.items() if v.default is v.empty and v.kind in (v.POSITIONAL_ONLY,
+                                                                                          v.POSITIONAL_OR_KEYWORD)]
+            takes_all = any(v.kind is v.VAR_POSITIONAL for v in got.values())
+            if not takes_all and (len(required) > len(want) or len(got) < len(want)):
+                raise TypeError(f"{self.kind} {name!r}: {hook}{inspect.signature(getattr(obj, hook))} does not take "
+                                f"the hook's parameters {hook}({', '.join(want)})")
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that adds ``obj`` under ``name``; a name can be taken once."""
@@ -41,6 +64,8 @@ class Registry(Generic[T]):
         def add(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if self.base is not None:
+                self.check_entry(name, obj)
             if isinstance(obj, type) and hasattr(obj, "name"):
                 obj.name = name  # attacks and defenses know their registered name
             self._entries[name] = obj
@@ -64,7 +89,10 @@ class Registry(Generic[T]):
         if name not in self._entries:
             ep = self._entry_point(name)
             if ep is not None:
-                self._entries[name] = ep.load()
+                loaded = ep.load()
+                if self.base is not None:
+                    self.check_entry(name, loaded)
+                self._entries[name] = loaded
         if name not in self._entries:
             hint = "" if entry_points(group=BUILTINS_GROUP) else (
                 " (no built-in plugins are installed: run `pip install -e .` in the repository)")
@@ -80,8 +108,8 @@ class Registry(Generic[T]):
         return sorted(names)
 
 
-ATTACKS: Registry = Registry("attack", "fmfl.attacks")
-DEFENSES: Registry = Registry("defense", "fmfl.defenses")
+ATTACKS: Registry = Registry("attack", "fmfl.attacks", base="Attack")
+DEFENSES: Registry = Registry("defense", "fmfl.defenses", base="Defense")
 TRIGGERS: Registry = Registry("trigger", "fmfl.triggers")
 
 
@@ -90,5 +118,5 @@ def import_plugins(modules: list[str] | tuple[str, ...]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as err:
-            raise ImportError(f"--plugin {module!r} could not be imported: {err}") from err
+        except Exception as err:  # noqa: BLE001 - whatever a plugin raises on import is the plugin's error
+            raise ImportError(f"--plugin {module!r} could not be imported: {type(err).__name__}: {err}") from err

@@ -12,10 +12,8 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 
@@ -378,50 +376,6 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
 def config_schema() -> dict:
     """JSON Schema of a cell config (for editors and the docs): ``python -m benchmarks.run --schema``."""
     return TypeAdapter(CellConfig).json_schema()
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to nested dicts in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = _parse_yaml(raw, f"override {assignment!r}")
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    """YAML text -> data; a syntax error is a ConfigError naming ``where`` (the file or override)."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: not valid YAML: {err}".replace('"<unicode string>", ', "")) from err
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = _parse_yaml(path.read_text(), str(path)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
-
-
-def deep_merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge; values of ``update`` win."""
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from fl_core.data import ImageData
 from fl_core.hooks import State
 from fl_core.schema import CellConfig
-from fl_core.storage import load_tensors, save_tensors, tensor_digest
+from fl_core.storage import load_tensors, save_tensors, tensor_digest, warn
 
 
 def versions() -> dict:
@@ -69,11 +69,25 @@ class StageCache:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def load(self, key: str) -> dict | None:
-        return load_tensors(self.folder / f"{key}.pt") if self.folder is not None else None
+        """The blob stored under ``key``; None when absent, or (with a warning naming the file) when the
+        file is not the whole output of that key: another key's, or content that does not match its hash."""
+        if self.folder is None:
+            return None
+        path = self.folder / f"{key}.pt"
+        stored = load_tensors(path)
+        if stored is None:
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != key or "blob" not in stored:
+            warn(f"{path} is not a stage output of key {key}; computing it again")
+            return None
+        if stored.get("sha256") != blob_digest(stored["blob"]):
+            warn(f"{path} does not match its content hash; computing it again")
+            return None
+        return stored["blob"]
 
     def save(self, key: str, blob: dict) -> None:
         if self.folder is not None:
-            save_tensors(self.folder / f"{key}.pt", blob)
+            save_tensors(self.folder / f"{key}.pt", {"key": key, "sha256": blob_digest(blob), "blob": blob})
 
     def cached(self, key: str, compute: Callable[[], dict]) -> dict:
         """The stored blob of ``key``, or ``compute()`` stored under it (computed only, when disabled)."""
@@ -82,6 +96,30 @@ class StageCache:
             blob = compute()
             self.save(key, blob)
         return blob
+
+
+def blob_digest(blob) -> str:
+    """SHA-256 over a nested blob's structure (keys, types, shapes, dtypes) and content."""
+    digest = hashlib.sha256()
+
+    def visit(node):
+        if isinstance(node, torch.Tensor):
+            digest.update(f"T{tuple(node.shape)}{node.dtype}".encode())
+            digest.update(node.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            digest.update(f"D{len(node)}".encode())
+            for k in sorted(node, key=str):
+                digest.update(repr(k).encode())
+                visit(node[k])
+        elif isinstance(node, (list, tuple)):
+            digest.update(f"L{len(node)}".encode())
+            for item in node:
+                visit(item)
+        else:
+            digest.update(repr(node).encode())
+
+    visit(blob)
+    return digest.hexdigest()
 
 
 def data_digest(data: ImageData) -> str:

@@ -9,7 +9,7 @@ import torch
 from torchvision.io import write_png
 
 from fl_core.config import load_config
-from fl_core.schema import deep_merge
+from fl_core.configfile import deep_merge
 
 TINY_CLASSES = ["circle", "cross", "square", "stripe"]
 

@@ -540,7 +540,7 @@ def test_filter_diagnostic_scores_the_filter_against_the_attack_ground_truth(tin
     import yaml
 
     from dev.filter_diagnostic import main
-    from fl_core.schema import deep_merge
+    from fl_core.configfile import deep_merge
     from tests.conftest import TINY_OVERRIDES
 
     cfg = deep_merge(TINY_OVERRIDES, {"runtime": {"data_root": str(tiny_root), "cache_dir": str(tmp_path / "cache"),

@@ -17,7 +17,8 @@ import yaml
 from benchmarks import grid as grid_mod
 from fl_core import data as data_mod
 from fl_core.config import load_config
-from fl_core.schema import ConfigError, deep_merge
+from fl_core.configfile import deep_merge
+from fl_core.schema import ConfigError
 from fl_core.storage import Claim, atomic_write, load_tensors, remove_stale_temps
 from tests.conftest import TINY_OVERRIDES
 
@@ -118,12 +119,13 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def no_compute(monkeypatch):
     """Decoding a dataset or starting a cell fails the test: a refusal must come before either."""
+    import fl_core.fl  # imported first: it binds data.load_dataset at import, which must stay the real one
+
     def forbidden(*args, **kwargs):
         raise AssertionError("compute started")
 
     monkeypatch.setattr(data_mod, "_read_image_folder", forbidden)
     monkeypatch.setattr(data_mod, "load_dataset", forbidden)
-    import fl_core.fl
     monkeypatch.setattr(fl_core.fl, "run_cell", forbidden)
 
 
@@ -166,7 +168,7 @@ BAD_GRIDS = [
 @pytest.mark.parametrize("text, fragment", BAD_GRIDS, ids=[t for t, _ in BAD_GRIDS])
 def test_bad_grid_file_is_refused_naming_the_file(text, fragment, tmp_path, capsys, no_compute):
     path = tmp_path / "bad.yaml"
-    path.write_text(text if text.startswith("-") else "base: cell.yaml\n" + text)
+    path.write_text(text if text.startswith(("-", "base:")) else "base: cell.yaml\n" + text)
     with pytest.raises(SystemExit) as stop:
         grid_mod.main(["--config", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -13,8 +13,9 @@ from benchmarks.cli import estimate_seconds
 from benchmarks.grid import cell_status, main
 from benchmarks.gridspec import GridSpec, expand, load_grid
 from benchmarks.report import paper_tables, summary_table, write_report
+from fl_core.configfile import deep_merge
 from fl_core.hooks import Attack
-from fl_core.schema import ConfigError, deep_merge
+from fl_core.schema import ConfigError
 
 
 def _spec(tiny_root, tmp_path, axes, **extra) -> GridSpec:

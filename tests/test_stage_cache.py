@@ -95,3 +95,19 @@ def test_round_1_is_shared_only_while_the_defense_leaves_the_broadcast_alone(tin
         assert len(_entries(tmp_path)) == 2
     finally:
         del DEFENSES._entries["test-shifting"]
+
+
+def test_a_stage_file_is_trusted_only_whole(tmp_path, capsys):
+    from fl_core.stages import StageCache
+
+    cache = StageCache(tmp_path)
+    cache.save("k1", {"models": [{"w": torch.ones(2)}]})
+    assert torch.equal(cache.load("k1")["models"][0]["w"], torch.ones(2))
+    blob = torch.load(tmp_path / "k1.pt", weights_only=True)
+    blob["blob"]["models"] = []  # an empty model list: the content no longer matches its hash
+    torch.save(blob, tmp_path / "k1.pt")
+    assert cache.load("k1") is None and "does not match its content hash" in capsys.readouterr().err
+    (tmp_path / "k1.pt").rename(tmp_path / "k2.pt")  # another key's file under this name
+    assert cache.load("k2") is None and "not a stage output of key k2" in capsys.readouterr().err
+    torch.save({"models": []}, tmp_path / "k3.pt")  # a bare blob, as an earlier version wrote it
+    assert cache.load("k3") is None

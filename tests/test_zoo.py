@@ -8,7 +8,8 @@ from conftest import TINY_OVERRIDES, write_tiny_imagefolder
 from benchmarks import zoo
 from benchmarks.gridspec import GridSpec, expand, load_grid, resolve_grid_path
 from benchmarks.zoo_report import cdf_plot, zoo_cells, zoo_tables
-from fl_core.schema import ConfigError, deep_merge
+from fl_core.configfile import deep_merge
+from fl_core.schema import ConfigError
 
 
 def test_a_draw_is_a_function_of_its_index_alone():
