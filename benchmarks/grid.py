@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -137,11 +138,20 @@ def _run_local(todo, out, plugins, jobs, on_done, **_):
         on_done(cell, execute_cell(cell.config.to_dict(), str(out), plugins))
 
 
+def die_with_parent() -> None:
+    """In a worker: let the kernel send SIGTERM when the grid process dies, even by SIGKILL (Linux), so no
+    worker goes on computing a cell a rerun would then skip as held by another runner."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _run_process(todo, out, plugins, jobs, on_done, **_):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=die_with_parent) as pool:
         futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins): c for c in todo}
         try:
             for fut in as_completed(futures):

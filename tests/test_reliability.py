@@ -197,3 +197,30 @@ def test_a_misspelt_rule_key_under_a_known_section_is_refused(tmp_path):
     path.write_text(yaml.safe_dump({"base": "cell.yaml", "axes": {"seed": [0]},
                                     "exclude": [{"defense.params.anything": 2}]}))
     assert load_grid(path)  # a plugin's parameters are its own
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_dies_with_its_grid_even_on_sigkill(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\nfrom concurrent.futures import ProcessPoolExecutor\nimport multiprocessing\n"
+        "from benchmarks.grid import die_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=die_with_parent)\n"
+        "    pool.submit(time.sleep, 600)\n    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    deadline = time.time() + 60
+    workers = []
+    while not workers and time.time() < deadline:
+        time.sleep(0.5)
+        workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                   if p.read_text().rsplit(")", 1)[1].split()[1] == str(parent.pid)] if parent.poll() is None else []
+    alive = lambda pid: Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # noqa: E731
+    time.sleep(3)
+    assert workers and all(alive(w) for w in workers)  # the worker started and sleeps
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(w) for w in workers)
