@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = torch.zeros(len(synthetic), dtype=torch.bool)
     truth[poison_indices(synthetic.labels, cfg.backdoor, attack.poison_rate, cfg.seed, "fm")] = True
     model = initial_models(cfg, setup)[0]
-    pretrain([model], poisoned.to(setup.device), cfg, setup, StageCache.for_cell(cfg, setup))
+    pretrain([model], poisoned.to(setup.device), cfg, setup, StageCache.for_cell(cfg, setup.cache_dir))
     sites = list(model.activation_sites())
     print(f"{int(truth.sum())} of {len(truth)} synthetic samples poisoned; model pre-trained on them")
     print("| unit, threshold z | flagged | recall | false-positive rate |\n|---|---|---|---|")
