@@ -10,13 +10,16 @@ a setting is recorded as not applicable. At the end the report (tables, plots) i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +37,7 @@ from benchmarks.cli import (
 from benchmarks.gridspec import Cell, GridSpec, expand, load_grid, presets, resolve_grid_path
 from benchmarks.report import write_report
 from benchmarks.results import recorded_commands
-from fl_core.config import validate
+from fl_core.config import check_ready, validate
 from fl_core.configfile import override_key
 from fl_core.records import read_record
 from fl_core.registry import import_plugins
@@ -147,18 +150,39 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@contextlib.contextmanager
+def signals_to_flag(stop: threading.Event):
+    """Inside the block, SIGINT and SIGTERM only set ``stop``: the waiting loop checks it at a safe point,
+    where no lock of the executor is held (an exception raised inside one left the pool hanging)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _run_process(todo, out, plugins, jobs, on_done, **_):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
+    stop = threading.Event()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=die_with_parent) as pool:
-        futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins): c for c in todo}
         try:
-            for fut in as_completed(futures):
-                on_done(futures[fut], fut.result())
+            with signals_to_flag(stop):
+                futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins): c for c in todo}
+                pending = set(futures)
+                while pending and not stop.is_set():
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        on_done(futures[fut], fut.result())
+            if stop.is_set():
+                raise KeyboardInterrupt
         except KeyboardInterrupt:
-            for fut in futures:
-                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
             for worker in multiprocessing.active_children():  # no cell keeps running with the code it started on
                 worker.terminate()
             raise
@@ -216,6 +240,12 @@ def write_manifest(out: Path, spec: GridSpec, scale: str, cells: list[Cell], ove
     if whole_grid and any(_labels_id(c["labels"]) in current and c["key"] not in keys for c in previous):
         known = whole_grid()
         previous = [{**c, "labels": known.get(c["key"], c["labels"])} for c in previous]
+    listed = {c["key"] for c in previous} | keys
+    orphans = [d.name for d in sorted((out / "cells").glob("*")) if d.name not in listed and (d / "record.json").is_file()]
+    if orphans and whole_grid:  # finished cells a damaged or older grid.json no longer lists: back from the grid
+        known = whole_grid()
+        previous += [{"key": k, "labels": known[k], "config": cfg} for k in orphans
+                     if k in known and (cfg := (read_record(out / "cells" / k, k) or {}).get("config")) is not None]
     commands = [c for c in recorded_commands(manifest) if c != command] + [command]
     # keep earlier cells (e.g. other --only subsets) unless a current cell with the same labels replaces them
     entries = {c["key"]: c for c in previous if _labels_id(c["labels"]) not in current}
@@ -304,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         check_budget([c.config for c in cells], args.max_hours)
         if not args.dry_run:
             writable_folder(out)
+            for cell in cells:
+                if cell_status(out, cell.key) not in ("done", "n/a"):
+                    check_ready(cell.config)
     except (ConfigError, ImportError, KeyError) as err:
         parser.exit(2, f"config error: {err}\n")
     statuses = [cell_status(out, c.key) for c in cells]
@@ -322,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python -m benchmarks.grid " + " ".join(argv if argv is not None else sys.argv[1:])
     write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip(),
-                   (lambda: whole_grid_labels(spec, args.scale, tuple(overrides))) if args.only else None)
+                   functools.cache(lambda: whole_grid_labels(spec, args.scale, tuple(overrides))))
     started = time.time()
     try:
         with sigterm_as_interrupt():
@@ -334,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(f"grid finished in {(time.time() - started) / 60:.1f} min: {counts}")
     if not args.no_report:
-
         for path in write_report(out):
             print(f"  wrote {path}")
     return 0 if counts["failed"] == 0 else 1

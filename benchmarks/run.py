@@ -14,6 +14,7 @@ from benchmarks.cli import (
     sigterm_as_interrupt,
     writable_folder,
 )
+from fl_core.config import check_ready, not_applicable
 from fl_core.schema import ConfigError, config_schema
 from fl_core.storage import read_json
 
@@ -34,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         check_budget([cfg], args.max_hours)
+        check_ready(cfg)
+        why = not_applicable(cfg)
+        if why:
+            raise ConfigError(f"defense.name: {why}")
         check_out(args.out)
         out = writable_folder(args.out or Path("runs") / "cells" / cfg.key())
         other = read_json(out / "record.json")

@@ -6,6 +6,7 @@ A draw *bites* when its undefended cell reaches ASR >= ``BITES``; a defended cel
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -67,7 +68,32 @@ def zoo_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {f"Zoo: pass rate per threat ({caption})": by(["threat"]),
             "Zoo: pass rate per threat and dataset": by(["threat", "dataset"]),
             "Zoo: pass rate per threat and trigger family": by(["threat", "family"]),
-            "Zoo: which draws bite undefended (ASR >= 50), per family": bite}
+            "Zoo: which draws bite undefended (ASR >= 50), per family": bite,
+            "Zoo: every undefended draw, its parameters and its ASR": draw_table(undefended)}
+
+
+def draw_table(undefended: pd.DataFrame) -> pd.DataFrame:
+    """One row per undefended draw: what was drawn (trigger, backdoor, attack) and what it reached."""
+    columns = {"zoo": "draw", "dataset": "dataset", "cfg.backdoor.trigger.params": "trigger parameters",
+               "cfg.backdoor.target": "target", "cfg.backdoor.mapping": "mapping",
+               "cfg.attack.params": "attack parameters", "acc": "ACC", "asr": "ASR", "bites": "bites"}
+    present = {k: v for k, v in columns.items() if k in undefended}
+    table = undefended[list(present)].rename(columns=present)
+    for name in ("trigger parameters", "attack parameters"):
+        if name in table:
+            table[name] = table[name].map(_params_text)
+    return table.round({"ACC": 2, "ASR": 2}).sort_values([c for c in ("dataset", "draw") if c in table])
+
+
+def _params_text(params) -> str:
+    """``{'size': 3, 'position': 'random'}`` (or its JSON text) -> ``size=3, position=random`` (lists
+    joined with /)."""
+    if isinstance(params, str) and params.startswith("{"):
+        params = json.loads(params)
+    if not isinstance(params, dict):
+        return str(params)
+    text = (f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in params.items())
+    return ", ".join(text)
 
 
 def cdf_plot(cells: pd.DataFrame, path: Path, colours: dict[str, object] | None = None) -> Path | None:

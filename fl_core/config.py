@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import functools
 import json
+import re
 from pathlib import Path
 
 from fl_core.configfile import apply_override, check_overrides, deep_merge, load_yaml
@@ -32,7 +33,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     dataset's facts (read without decoding it), the device and the plugins' parameters, before any
     compute. Types, ranges and choices of single fields were checked when the config was built."""
     from fl_core import models, synthetic
-    from fl_core.data import apply_trigger, bind_trigger_pool, dataset_facts
+    from fl_core.data import apply_trigger, bind_trigger_pool, dataset_facts, resolve_data_root
     from fl_core.hooks import public_params
     from fl_core.plugins import registries
 
@@ -78,6 +79,11 @@ def validate(cfg: CellConfig) -> CellConfig:
            "synthetic.ddpm.guidance_scale", "classifier-free guidance needs a model trained with train_uncond_prob > 0")
     check(s.provider != "diffusers" or bool(s.diffusers.pipeline), "synthetic.diffusers.pipeline",
            "the diffusers provider needs a pipeline path or hub id")
+    cache_dir = cfg.runtime.cache_dir or Path(resolve_data_root(cfg.runtime.data_root)) / "cache"
+    check(not Path(cache_dir).exists() or Path(cache_dir).is_dir(), "runtime.cache_dir",
+          f"{cache_dir} exists and is not a folder")
+    if s.provider == "diffusers":
+        _check_pipeline(s.diffusers.pipeline)
 
     f = cfg.fl
     if f.setting in SETTINGS:
@@ -146,6 +152,47 @@ def validate(cfg: CellConfig) -> CellConfig:
         cfg.runtime.device == "auto" and _has_cuda()), "precision", "16-mixed needs a CUDA GPU; use bf16-mixed on a CPU")
     _check_memory(cfg, facts)
     return cfg
+
+
+def not_applicable(cfg: CellConfig) -> str | None:
+    """Why the cell's defense cannot apply to its models (a grid records such a cell as n/a; a single run
+    refuses it before compute), or None."""
+    from fl_core.plugins import registries
+
+    defenses = registries().defenses
+    for d in cfg.defenses():
+        if getattr(defenses.get(d.name), "parameter_space", False) and len(cfg.model.specs()) > 1:
+            return f"defense {d.name!r} compares parameters across clients and cannot apply to heterogeneous prototypes"
+    return None
+
+
+def check_ready(cfg: CellConfig) -> None:
+    """What a validated cell needs on disk before it can run (checked by ``run`` and ``grid`` before any
+    compute; ``benchmarks.fm prepare`` makes it): a ddpm provider's trained model, or its synthetic set
+    already in the cache."""
+    from fl_core.data import resolve_data_root
+    from fl_core.synthetic import cached_for, ddpm_folder_of
+
+    s = cfg.synthetic
+    if s.provider != "ddpm":
+        return
+    cache_dir = Path(cfg.runtime.cache_dir or resolve_data_root(cfg.runtime.data_root) / "cache")
+    folder = ddpm_folder_of(s.ddpm, cfg.data.dataset, cfg.data.public_size, cache_dir)
+    key = "synthetic.ddpm.weights" if s.ddpm.weights else "synthetic.provider"
+    check((folder / "unet").is_dir() or cached_for(s, cfg.data.dataset, cfg.seed, cache_dir), key,
+          f"no trained DDPM at {folder}; train it first with `python -m benchmarks.fm prepare --preset <grid>` "
+          "(or `python -m benchmarks.fm train-ddpm --config <cell config>`)")
+
+
+def _check_pipeline(pipeline: str) -> None:
+    """A diffusers pipeline is a local folder with a model_index.json or a hub id (``owner/name``)."""
+    path = Path(pipeline).expanduser()
+    if path.exists() or pipeline.startswith((".", "/", "~")):
+        check((path / "model_index.json").is_file(), "synthetic.diffusers.pipeline",
+              f"{pipeline} is not a diffusers pipeline folder (no model_index.json)")
+    else:
+        check(re.fullmatch(r"[\w.-]+/[\w.-]+", pipeline) is not None, "synthetic.diffusers.pipeline",
+              f"{pipeline!r} is neither a local pipeline folder nor a hub id of the form owner/name")
 
 
 def torch_zeros(shape: tuple[int, ...]):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,12 +298,43 @@ def dataset_facts(name: str, root: str | os.PathLike | None = None, cache_dir: s
     _, meta_file = _cache_files(name, root, cache_dir)
     meta = read_json(meta_file)
     if meta is not None and "facts" in meta:
-        f = meta["facts"]
-        return DatasetFacts(f["classes"], tuple(f["shape"]), f["train_size"], f["test_size"])
+        if sealed(meta):
+            f = meta["facts"]
+            return DatasetFacts(f["classes"], tuple(f["shape"]), f["train_size"], f["test_size"])
+        warn(f"{meta_file}: its facts do not match their seal (edited by hand?); reading the dataset's source")
     source, _ = _locate(name, root, download)
     if not source.startswith("imagefolder:"):
         return KNOWN_FACTS[name]
     return _image_folder_facts(root / name)
+
+
+def facts_seal(facts: dict, content_sha256: str) -> str:
+    """SHA-256 binding a dataset's facts to the content hash of its cached tensors."""
+    return hashlib.sha256(json.dumps([facts, content_sha256], sort_keys=True).encode()).hexdigest()
+
+
+def sealed(meta: dict) -> bool:
+    """Whether a tensor-cache sidecar's facts are the ones written with its content hash."""
+    try:
+        return meta.get("facts_sha256") == facts_seal(meta["facts"], meta["content_sha256"])
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def blob_facts(blob: dict) -> dict:
+    """Class count, image shape and split sizes of a decoded dataset blob."""
+    return {"classes": len(blob["classes"]), "shape": list(blob["train_images"].shape[1:]),
+            "train_size": len(blob["train_images"]), "test_size": len(blob["test_images"])}
+
+
+def consistent(blob: dict) -> bool:
+    """Whether a cached blob's labels and images agree with its class list and with each other."""
+    n = len(blob["classes"])
+    labels = (blob["train_labels"], blob["test_labels"])
+    return (all(len(y) and int(y.min()) >= 0 and int(y.max()) < n for y in labels)
+            and len(blob["train_labels"]) == len(blob["train_images"])
+            and len(blob["test_labels"]) == len(blob["test_images"])
+            and blob["train_images"].shape[1:] == blob["test_images"].shape[1:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,6 +355,13 @@ def _image_folder_facts(tree: Path) -> DatasetFacts:
     return DatasetFacts(len(classes), (3, height, width), counts[0], counts[1])
 
 
+def sidecar(blob: dict) -> dict:
+    """The tensor cache's sidecar: source, facts, content hash and the seal binding the last two."""
+    facts, content = blob_facts(blob), tensor_digest(blob["train_images"], blob["test_images"])
+    return {"source": blob["source"], "facts": facts, "content_sha256": content,
+            "facts_sha256": facts_seal(facts, content)}
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  download: bool = False) -> Dataset:
     """Load ``name`` from the tensor cache, decoding it there first if needed (or again if the cache is
@@ -330,9 +370,13 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: st
     cache_file, meta_file = _cache_files(name, root, cache_dir)
     meta = read_json(meta_file)
     blob = load_tensors(cache_file) if meta is not None else None
-    if blob is not None and tensor_digest(blob["train_images"], blob["test_images"]) != meta.get("content_sha256"):
+    if blob is not None and (tensor_digest(blob["train_images"], blob["test_images"]) != meta.get("content_sha256")
+                             or not consistent(blob)):
         warn(f"{cache_file} does not match the content hash in {meta_file}; decoding the dataset again")
         blob = None
+    if blob is not None and not (sealed(meta) and meta["facts"] == blob_facts(blob)):
+        warn(f"{meta_file}: its facts do not match {cache_file}; writing them again from the tensors")
+        write_json(meta_file, sidecar(blob))
     if blob is None:
         source, loader = _locate(name, root, download)
         train, test = loader()
@@ -344,10 +388,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, cache_dir: st
             "mean": x.mean(dim=(0, 2, 3)).tolist(), "std": x.std(dim=(0, 2, 3)).tolist(),
         }
         save_tensors(cache_file, blob)  # tensors first, sidecar last: a sidecar means complete
-        facts = {"classes": len(train.classes), "shape": list(train.images.shape[1:]), "train_size": len(train),
-                 "test_size": len(test)}
-        write_json(meta_file, {"source": source, "facts": facts,
-                               "content_sha256": tensor_digest(train.images, test.images)})
+        write_json(meta_file, sidecar(blob))
     classes = list(blob["classes"])
     return Dataset(
         name=name,

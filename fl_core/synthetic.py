@@ -100,11 +100,28 @@ def ddpm_training_settings(cfg: DDPMConfig) -> dict:
 def ddpm_folder(req: SyntheticRequest) -> Path:
     """Where the DDPM weights for this dataset / public-pool size / training config live. The FM is trained
     once, on the public pool of ``train_seed``, and serves every cell seed."""
-    if req.cfg.ddpm.weights:
-        return Path(req.cfg.ddpm.weights)
-    blob = [req.dataset.name, len(req.public), ddpm_training_settings(req.cfg.ddpm)]
+    return ddpm_folder_of(req.cfg.ddpm, req.dataset.name, len(req.public), req.cache_dir)
+
+
+def ddpm_folder_of(ddpm: DDPMConfig, dataset: str, public_size: int, cache_dir: Path) -> Path:
+    """:func:`ddpm_folder` from the config alone (what validation knows before any data is loaded)."""
+    if ddpm.weights:
+        return Path(ddpm.weights)
+    blob = [dataset, public_size, ddpm_training_settings(ddpm)]
     key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
-    return req.cache_dir / "ddpm" / f"{req.dataset.name}-{key}"
+    return Path(cache_dir) / "ddpm" / f"{dataset}-{key}"
+
+
+def cached_for(cfg: SyntheticConfig, dataset: str, seed: int, cache_dir: Path) -> bool:
+    """Whether a synthetic set of these settings, dataset and seed is in the cache (by its manifest; the
+    data itself is verified when it is loaded)."""
+    wanted = json.loads(json.dumps({"provider": cfg.provider, "settings": dataclasses.asdict(cfg), "dataset": dataset,
+                                    "seed": seed}))
+    for manifest in (Path(cache_dir) / "synthetic").glob("*/manifest.json"):
+        found = read_json(manifest)
+        if isinstance(found, dict) and all(found.get(k) == v for k, v in wanted.items()):
+            return True
+    return False
 
 
 class DDPMModule(L.LightningModule):

@@ -2,6 +2,7 @@
 only whole, a SIGTERM'd cell exiting 130 with nothing kept."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,3 +225,65 @@ def test_a_worker_dies_with_its_grid_even_on_sigkill(tmp_path):
     while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(alive(w) for w in workers)
+
+
+def test_an_edited_dataset_sidecar_is_not_believed(tiny_config, tiny_root, tmp_path, capsys):
+    from fl_core.data import dataset_facts, load_dataset
+
+    cache = tmp_path / "cache"
+    load_dataset("tiny", tiny_root, cache)
+    sidecar = cache / "datasets" / "tiny.json"
+    meta = json.loads(sidecar.read_text())
+    real = meta["facts"]["classes"]
+    sidecar.write_text(json.dumps({**meta, "facts": {**meta["facts"], "classes": 100}}))
+    assert dataset_facts("tiny", tiny_root, cache).classes == real
+    assert "do not match their seal" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="backdoor.target: 50 is not a class"):
+        tiny_config({"backdoor": {"target": 50}})
+    assert load_dataset("tiny", tiny_root, cache).num_classes == real  # the sidecar is written again, sealed
+    assert json.loads(sidecar.read_text())["facts"]["classes"] == real
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"synthetic": {"provider": "diffusers", "diffusers": {"pipeline": "no-such-pipeline"}}},
+     "synthetic.diffusers.pipeline: 'no-such-pipeline' is neither"),
+    ({"synthetic": {"provider": "diffusers", "diffusers": {"pipeline": "/no/such/folder"}}},
+     "synthetic.diffusers.pipeline: /no/such/folder is not a diffusers pipeline folder"),
+])
+def test_late_inputs_are_refused_at_validation(tiny_config, extra, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        tiny_config(extra)
+
+
+def test_a_single_run_refuses_a_defense_that_cannot_apply(tiny_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_mod.main(["--data-root", str(tiny_root), *[f"--set={s}" for s in TINY_SETS], "--set=defense.name=krum",
+                      "--set=model.prototypes=[{name: cnn, width: 0.25}, {name: cnn, width: 0.5}]",
+                      f"--set=runtime.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "cell")])
+    assert stop.value.code == 2 and "'krum' compares parameters" in capsys.readouterr().err
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(tiny_config, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="runtime.cache_dir: .* is not a folder"):
+        tiny_config({"runtime": {"cache_dir": str(tmp_path / "afile")}})
+
+
+def test_a_ddpm_cell_without_its_trained_model_stops_before_compute(tiny_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_mod.main(["--data-root", str(tiny_root), *[f"--set={s}" for s in TINY_SETS], "--set=synthetic.provider=ddpm",
+                      f"--set=runtime.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "cell")])
+    assert stop.value.code == 2 and "no trained DDPM at" in capsys.readouterr().err
+    assert not (tmp_path / "cell" / "record.json").exists()
+
+
+def test_a_damaged_grid_manifest_keeps_finished_cells(tiny_root, tmp_path):
+    from test_grid import _spec, _write
+
+    spec = _spec(tiny_root, tmp_path, {"seed": [0, 1]})
+    path, out = _write(tmp_path, spec), tmp_path / "grid"
+    assert grid_mod.main(["--config", str(path), "--out", str(out), "--jobs", "1", "--only", "seed=0", "--no-report"]) == 0
+    (out / "grid.json").write_text((out / "grid.json").read_text()[:40])  # cut short by a crash
+    assert grid_mod.main(["--config", str(path), "--out", str(out), "--jobs", "1", "--only", "seed=1", "--no-report"]) == 0
+    cells = json.loads((out / "grid.json").read_text())["cells"]
+    assert sorted(c["labels"]["seed"] for c in cells) == ["0", "1"]

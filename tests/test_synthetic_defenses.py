@@ -101,7 +101,7 @@ def test_label_free_fusion_drops_every_label_and_the_pre_training():
         DEFENSES.get("labelfree")(pretrain="never")
 
 
-@pytest.mark.parametrize("name", ["spectral", "actclust", "abl", "labelfree", "consensus"])
+@pytest.mark.parametrize("name", ["spectral", "actclust", "abl", "labelfree", "consensus", "vouch"])
 @pytest.mark.parametrize("fusion", ["feddf", "fedavg"])
 def test_each_baseline_runs_a_cell(name, fusion, tiny_config, tmp_path):
     cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": name}, "fl": {"fusion": fusion, "rounds": 1},
@@ -152,3 +152,43 @@ def test_consensus_flags_nothing_where_clients_agree_and_corrects_under_fedavg()
     before = model.scale.item()
     defense.after_round(model, 0, ctx_for(data, round_idx=2))  # no fusion this round: corrective fine-tuning
     assert model.scale.item() != before
+
+
+def test_vouch_keeps_labels_out_until_clean_start_clients_vouch_for_them():
+    from fl_core.hooks import Aggregation, ClientUpdate
+
+    data, truth = poisoned_set()
+    received = PatchReader([5.0, 0.0], [5.0, 0.0])
+    clients = [ClientUpdate(i, 0, 10, PatchReader([5.0, 0.0], [0.0, 5.0])) for i in range(3)]
+    defense, ctx = DEFENSES.get("vouch")(clip=False, retrain=False), ctx_for(data)
+    keep = torch.ones(len(truth), dtype=torch.bool)
+    plan = defense.on_fusion(FusionPlan(0, clients, torch.ones(3), keep), received, ctx)
+    assert plan.label_weight.eq(0).all()  # nothing vouched yet: pure distillation
+    defense.aggregate(Aggregation(clients, torch.ones(3)), received, ctx)
+    assert torch.equal(torch.tensor(ctx.decisions["flagged_synthetic"]), truth.nonzero().flatten())
+    plan = defense.on_fusion(FusionPlan(0, clients, torch.ones(3), keep.clone()), received, ctx)
+    assert plan.label_weight[truth].eq(0).all() and plan.label_weight[~truth].eq(1).all()
+    assert DEFENSES.get("vouch")(top_k=2).top_k == 2
+    with pytest.raises(ValueError, match="restart"):
+        DEFENSES.get("vouch")(restart="half")
+
+
+def test_vouch_runs_on_heterogeneous_prototypes(tiny_config):
+    cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": "vouch"}, "fl": {"rounds": 1},
+                       "model": {"prototypes": [{"name": "cnn", "width": 0.25}, {"name": "cnn", "width": 0.5}]},
+                       "runtime": {"logger": "none"}})
+    record = run_cell(cfg, log=lambda *_: None)
+    decisions = record["rounds"][-1]["decisions"]
+    assert all(0 < decisions[f"prototype{p}"]["vouched"] <= 20 for p in (0, 1))  # each prototype vouches itself
+
+
+def test_vouch_outlier_classes_flags_the_class_that_collects_rejected_labels():
+    from defenses.vouch import outlier_classes
+
+    labels = torch.arange(10).repeat_interleave(300)
+    rejected = torch.zeros(3000, dtype=torch.bool)
+    for c in range(10):  # a judge that rejects 140-175 labels of every class ...
+        rejected[c * 300: c * 300 + 140 + 4 * c] = True
+    assert not outlier_classes(labels, rejected, 10).any()
+    rejected[7 * 300: 7 * 300 + 280] = True  # ... and 280 of the class a backdoor relabels into
+    assert outlier_classes(labels, rejected, 10).nonzero().flatten().tolist() == [7]

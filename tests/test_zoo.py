@@ -113,3 +113,13 @@ def test_pass_rate_counts_biting_draws_only_and_needs_both_asr_and_acc(tmp_path)
     assert table.loc[("x", "fm"), "pass rate (%)"] == 50.0 and table.loc[("x", "fm"), "bite"] == 2
     assert table.loc[("x", "fm"), "draws"] == 3 and table.loc[("x", "classic"), "pass rate (%)"] == 0.0
     assert cdf_plot(cells, tmp_path / "cdf.png").stat().st_size > 1000
+
+
+def test_draw_table_lists_each_undefended_draw_with_its_parameters():
+    rows = [{**_cell("u1", "none", 90, 60, "u1"), "zoo": "dev000-patch-fm", "cfg.backdoor.trigger.params":
+             {"size": 3, "color": [255, 0, 0]}}, {**_cell("d1", "x", 5, 58, "u1"), "zoo": "dev000-patch-fm"}]
+    cells = pd.DataFrame(rows)
+    cells["acc_drop_vs_undefended"] = 0.0
+    table = zoo_tables(cells)["Zoo: every undefended draw, its parameters and its ASR"]
+    assert table["draw"].tolist() == ["dev000-patch-fm"] and bool(table["bites"].iloc[0])
+    assert table["trigger parameters"].iloc[0] == "size=3, color=255/0/0"

@@ -1,0 +1,150 @@
+"""Client vouching: no FM label reaches a model until clients that never saw one vouch for it.
+
+The threat model gives the server one trustworthy signal: benign clients train on private clean data.
+A client that started from a model pre-trained on the FM's labels inherits whatever those labels taught
+(the backdoor survives clean fine-tuning), so its opinion of a label is worthless; a client that started
+from a model that never saw an FM label is not. The defense therefore
+
+1. discards the server's pre-training before round 1 is broadcast, and keeps every FM label out of
+   fusion (pure distillation from the clients) until round ``vouch_round``;
+2. in that round, keeps (vouches for) the synthetic samples whose FM label is the top class of the
+   clients' ensemble, and from then on gives CE weight only to them (the others are still distilled
+   on, towards the clients' ensemble, which unlearns what their labels would teach);
+3. trains the fused model on the vouched samples with the server's pre-training recipe (the
+   pre-training step 1 postponed), under FedDF and FedAvg alike;
+4. with ``clip``, bounds every client update by the median update norm of its round and prototype,
+   so that no client weighs more than a typical one (boosted updates lose their boost).
+
+Nothing in it looks at pixels or at a trigger: it reads whether a label is supported by models that
+learned from clean data only, which every relabelling backdoor breaks alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from defenses import DEFENSES, Defense
+from defenses._synthetic import head, reinitialise
+from fl_core.data import batch_loader
+from fl_core.hooks import Aggregation
+from fl_core.metrics import logits
+from fl_core.modules import SupervisedModule, fit
+from fl_core.seeding import derive_seed
+from fl_core.updates import clip_rows, deltas, median, set_delta
+
+
+RESTART = ("all", "head")  # what is re-initialised before round 1: the whole model, or its classifier head
+SCOPES = ("all", "outliers")  # which labels need the clients' vouch
+OUTLIER_Z = 3.5  # the modified z-score cut-off of Iglewicz and Hoaglin (1993), not tuned here
+
+
+def clip_to_median(agg: Aggregation, global_model) -> list[float]:
+    """Clip every admitted update's parameter delta to the median delta norm (in place); the norms."""
+    matrix = deltas(agg.updates, global_model)
+    norms = matrix.norm(dim=1)
+    for update, row in zip(agg.updates, clip_rows(matrix, median(norms))):
+        set_delta(update, global_model, row)
+    return [round(float(n), 4) for n in norms]
+
+
+@torch.no_grad()
+def label_rank(models, images: torch.Tensor, labels: torch.Tensor, device, weights: torch.Tensor) -> torch.Tensor:
+    """Per image, how many classes the weighted mean of the models' softmax outputs ranks above its label
+    (0: the label is the ensemble's top class)."""
+    probs = torch.stack([F.softmax(logits(m, images, 500, device).float(), 1) for m in models])
+    mean = torch.einsum("m,mnc->nc", weights.float() / weights.sum(), probs).cpu()
+    return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1)
+
+
+def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int) -> torch.Tensor:
+    """Bool per class: its count of rejected labels is a high outlier over the classes (modified z-score
+    0.6745 (x - median) / MAD above ``OUTLIER_Z``; a MAD under one sample counts as one)."""
+    counts = torch.bincount(labels[rejected].cpu(), minlength=classes).float()
+    med = counts.median()
+    mad = (counts - med).abs().median().clamp_min(1.0)
+    return 0.6745 * (counts - med) / mad > OUTLIER_Z
+
+
+@DEFENSES.register("vouch")
+class ClientVouching(Defense):
+    """Parameters (docs/DEFENSES.md says what each was chosen on):
+
+    - ``vouch_round`` (1): the round whose clients' ensemble vouches for labels; before it no FM label
+      reaches any model. Later rounds give the clients more clean training (a better judge) but leave
+      fewer rounds that profit from the vouched labels.
+    - ``retrain`` (True): train the fused model on the vouched samples after the vouching round (the
+      postponed pre-training); False: the vouched labels act through fusion's CE term only.
+    - ``clip`` (True): clip client updates to the round's median norm before aggregation.
+    - ``scope`` ("all"): which labels need the clients' vouch. ``outliers``: only the labels of the
+      classes that collect an outlying number of rejected labels (a relabelling backdoor piles its
+      rejected labels into its target class); every other label is kept. The rest of the synthetic
+      set then still teaches the restarted model.
+    """
+
+    consumes = frozenset({"updates", "synthetic"})
+
+    def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
+                 top_k: int = 1, scope: str = "all"):
+        if vouch_round < 1:
+            raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
+        if restart not in RESTART:
+            raise ValueError(f"restart {restart!r} unknown; valid: {', '.join(RESTART)}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope {scope!r} unknown; valid: {', '.join(SCOPES)}")
+        self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
+        self.scope = scope
+        self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic
+
+    def check(self, cfg) -> None:
+        if cfg.fl.rounds < self.vouch_round:
+            raise ValueError(f"defense.vouch_round {self.vouch_round} is after the last round ({cfg.fl.rounds}): "
+                             "no label would ever be vouched for")
+
+    def before_round(self, global_model, prototype, ctx):
+        if ctx.round == 1:
+            reinitialise(global_model if self.restart == "all" else head(global_model),
+                         derive_seed(ctx.seed, "vouch", prototype))
+
+    def changes_broadcast(self, round_idx: int) -> bool:
+        return round_idx == 1
+
+    def aggregate(self, agg, global_model, ctx):
+        if not agg.updates:
+            return agg
+        if self.clip and len(agg.updates) > 1:
+            ctx.report(norms=clip_to_median(agg, global_model))
+        if ctx.round == self.vouch_round and ctx.synthetic is not None:
+            data = ctx.synthetic
+            rank = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
+            proto = agg.updates[0].prototype
+            vouched = rank < self.top_k
+            if self.scope == "outliers":
+                suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes)
+                vouched |= ~suspect[data.labels.cpu()]
+                ctx.report(suspect_classes=suspect.nonzero().flatten().tolist())
+            self._vouched[proto] = vouched
+            ctx.report(vouched=int(vouched.sum()),
+                       flagged_synthetic=(~self._vouched[proto]).nonzero().flatten().tolist())
+        return agg
+
+    def on_fusion(self, plan, global_model, ctx):
+        vouched = self._vouched.get(plan.prototype)
+        weight = torch.zeros(len(plan.keep)) if vouched is None else vouched.float()
+        plan.label_weight = weight if plan.label_weight is None else plan.label_weight * weight
+        return plan
+
+    def after_round(self, global_model, prototype, ctx):
+        vouched = self._vouched.get(prototype)
+        if ctx.round != self.vouch_round or not self.retrain or vouched is None or not vouched.any():
+            return global_model
+        data, recipe = ctx.synthetic, ctx.pretraining
+        images, labels = data.images[vouched.to(data.images.device)], data.labels[vouched.to(data.labels.device)]
+        steps = recipe.epochs * -(-len(labels) // recipe.optim.batch_size)
+        if steps:
+            loader = batch_loader(images, labels, recipe.optim.batch_size, derive_seed(ctx.seed, "vouch-train"),
+                                  steps=steps)
+            fit(SupervisedModule(global_model, recipe.optim, recipe.augment, derive_seed(ctx.seed, "vouch-aug")),
+                loader, ctx.accelerator)
+        return global_model
