@@ -8,8 +8,10 @@ from a model that never saw an FM label is not. The defense therefore
 1. discards the server's pre-training before round 1 is broadcast, and keeps every FM label out of
    fusion (pure distillation from the clients) until round ``vouch_round``;
 2. in that round, keeps (vouches for) the synthetic samples whose FM label is the top class of the
-   clients' ensemble, and from then on gives CE weight only to them (the others are still distilled
-   on, towards the clients' ensemble, which unlearns what their labels would teach);
+   clients' ensemble (with ``scope: outliers``, only in the classes where rejected labels pile up;
+   the labels of every other class are kept), and from then on gives CE weight only to the kept
+   samples (the others are still distilled on, towards the clients' ensemble, which unlearns what
+   their labels would teach);
 3. trains the fused model on the vouched samples with the server's pre-training recipe (the
    pre-training step 1 postponed), under FedDF and FedAvg alike;
 4. with ``clip``, bounds every client update by the median update norm of its round and prototype,
@@ -34,7 +36,7 @@ from fl_core.updates import clip_rows, deltas, median, set_delta
 
 
 RESTART = ("all", "head")  # what is re-initialised before round 1: the whole model, or its classifier head
-SCOPES = ("all", "outliers")  # which labels need the clients' vouch
+SCOPES = ("all", "outliers", "surplus")  # which labels need the clients' vouch
 OUTLIER_Z = 3.5  # the modified z-score cut-off of Iglewicz and Hoaglin (1993), not tuned here
 
 
@@ -56,13 +58,21 @@ def label_rank(models, images: torch.Tensor, labels: torch.Tensor, device, weigh
     return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1)
 
 
-def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int) -> torch.Tensor:
-    """Bool per class: its count of rejected labels is a high outlier over the classes (modified z-score
-    0.6745 (x - median) / MAD above ``OUTLIER_Z``; a MAD under one sample counts as one)."""
-    counts = torch.bincount(labels[rejected].cpu(), minlength=classes).float()
+def high_outliers(counts: torch.Tensor) -> torch.Tensor:
+    """Bool per entry: a high outlier of ``counts`` (modified z-score 0.6745 (x - median) / MAD above
+    ``OUTLIER_Z``; a MAD under one sample counts as one)."""
+    counts = counts.float()
     med = counts.median()
     mad = (counts - med).abs().median().clamp_min(1.0)
     return 0.6745 * (counts - med) / mad > OUTLIER_Z
+
+
+def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int, surplus: bool = False) -> torch.Tensor:
+    """Bool per class: its count of rejected labels is a high outlier over the classes; with ``surplus``,
+    also a class that holds an outlying number of labels (more than a balanced request gives)."""
+    labels = labels.cpu()
+    suspect = high_outliers(torch.bincount(labels[rejected.cpu()], minlength=classes))
+    return suspect | high_outliers(torch.bincount(labels, minlength=classes)) if surplus else suspect
 
 
 @DEFENSES.register("vouch")
@@ -78,7 +88,9 @@ class ClientVouching(Defense):
     - ``scope`` ("all"): which labels need the clients' vouch. ``outliers``: only the labels of the
       classes that collect an outlying number of rejected labels (a relabelling backdoor piles its
       rejected labels into its target class); every other label is kept. The rest of the synthetic
-      set then still teaches the restarted model.
+      set then still teaches the restarted model. ``surplus``: also the classes that hold an outlying
+      number of labels (a relabelling backdoor that adds its samples to the target inflates it; one that
+      keeps the class counts balanced leaves only the rejection test).
     """
 
     consumes = frozenset({"updates", "synthetic"})
@@ -120,8 +132,8 @@ class ClientVouching(Defense):
             rank = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
             proto = agg.updates[0].prototype
             vouched = rank < self.top_k
-            if self.scope == "outliers":
-                suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes)
+            if self.scope != "all":
+                suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus")
                 vouched |= ~suspect[data.labels.cpu()]
                 ctx.report(suspect_classes=suspect.nonzero().flatten().tolist())
             self._vouched[proto] = vouched

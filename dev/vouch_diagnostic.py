@@ -3,7 +3,8 @@
 ``python -m dev.vouch_diagnostic --draw dev000-patch-fm [--dataset cifar10]`` runs the draw's cell with
 the ``vouch`` defense for its vouching round, keeps the clients' ensemble probabilities on the synthetic
 set, and scores vouching rules against the attack's ground truth (which only this diagnostic knows):
-per rule, the share of clean samples vouched for and the share of poisoned samples leaked. Development
+per rule, the share of clean samples vouched for and the share of poisoned samples leaked, then per FM
+label the counts that ``scope: outliers`` reads (rejected labels and their robust z-score). Development
 draws only: the script refuses a test draw.
 """
 from __future__ import annotations

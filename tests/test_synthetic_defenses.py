@@ -192,3 +192,8 @@ def test_vouch_outlier_classes_flags_the_class_that_collects_rejected_labels():
     assert not outlier_classes(labels, rejected, 10).any()
     rejected[7 * 300: 7 * 300 + 280] = True  # ... and 280 of the class a backdoor relabels into
     assert outlier_classes(labels, rejected, 10).nonzero().flatten().tolist() == [7]
+    rejected[7 * 300 + 140 + 28: 8 * 300] = False  # back to normal rejections, and a surplus of labels in class 3
+    surplus = torch.cat([labels, torch.full((40,), 3)])
+    rejected = torch.cat([rejected, torch.zeros(40, dtype=torch.bool)])
+    assert not outlier_classes(surplus, rejected, 10).any()
+    assert outlier_classes(surplus, rejected, 10, surplus=True).nonzero().flatten().tolist() == [3]
