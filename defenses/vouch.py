@@ -50,12 +50,13 @@ def clip_to_median(agg: Aggregation, global_model) -> list[float]:
 
 
 @torch.no_grad()
-def label_rank(models, images: torch.Tensor, labels: torch.Tensor, device, weights: torch.Tensor) -> torch.Tensor:
+def label_rank(models, images: torch.Tensor, labels: torch.Tensor, device,
+               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, how many classes the weighted mean of the models' softmax outputs ranks above its label
-    (0: the label is the ensemble's top class)."""
+    (0: the label is the ensemble's top class), and the ensemble's top class."""
     probs = torch.stack([F.softmax(logits(m, images, 500, device).float(), 1) for m in models])
     mean = torch.einsum("m,mnc->nc", weights.float() / weights.sum(), probs).cpu()
-    return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1)
+    return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1), mean.argmax(1)
 
 
 def high_outliers(counts: torch.Tensor) -> torch.Tensor:
@@ -91,12 +92,15 @@ class ClientVouching(Defense):
       set then still teaches the restarted model. ``surplus``: also the classes that hold an outlying
       number of labels (a relabelling backdoor that adds its samples to the target inflates it; one that
       keeps the class counts balanced leaves only the rejection test).
+    - ``correct`` (False): in the retraining, give the rejected samples of the suspect classes the
+      clients' ensemble's top class instead of dropping them, so that the images a backdoor relabelled
+      teach their own class (and outweigh the few poisoned labels the judge still vouches for).
     """
 
     consumes = frozenset({"updates", "synthetic"})
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
-                 top_k: int = 1, scope: str = "all"):
+                 top_k: int = 1, scope: str = "all", correct: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -106,8 +110,11 @@ class ClientVouching(Defense):
         if scope not in SCOPES:
             raise ValueError(f"scope {scope!r} unknown; valid: {', '.join(SCOPES)}")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
-        self.scope = scope
+        if correct and scope == "all":
+            raise ValueError("correct needs scope outliers or surplus: it relabels the suspect classes' rejected samples")
+        self.scope, self.correct = scope, correct
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic
+        self._corrected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, labels)
 
     def check(self, cfg) -> None:
         if cfg.fl.rounds < self.vouch_round:
@@ -129,12 +136,15 @@ class ClientVouching(Defense):
             ctx.report(norms=clip_to_median(agg, global_model))
         if ctx.round == self.vouch_round and ctx.synthetic is not None:
             data = ctx.synthetic
-            rank = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
+            rank, judged = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
             proto = agg.updates[0].prototype
             vouched = rank < self.top_k
             if self.scope != "all":
                 suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus")
                 vouched |= ~suspect[data.labels.cpu()]
+                if self.correct:
+                    idx = (~vouched).nonzero().flatten()
+                    self._corrected[proto] = idx, judged[idx]
                 ctx.report(suspect_classes=suspect.nonzero().flatten().tolist())
             self._vouched[proto] = vouched
             ctx.report(vouched=int(vouched.sum()),
@@ -152,7 +162,12 @@ class ClientVouching(Defense):
         if ctx.round != self.vouch_round or not self.retrain or vouched is None or not vouched.any():
             return global_model
         data, recipe = ctx.synthetic, ctx.pretraining
-        images, labels = data.images[vouched.to(data.images.device)], data.labels[vouched.to(data.labels.device)]
+        keep = vouched.nonzero().flatten()
+        labels = data.labels[keep.to(data.labels.device)]
+        if prototype in self._corrected:
+            idx, judged = self._corrected[prototype]
+            keep, labels = torch.cat([keep, idx]), torch.cat([labels, judged.to(labels.device)])
+        images = data.images[keep.to(data.images.device)]
         steps = recipe.epochs * -(-len(labels) // recipe.optim.batch_size)
         if steps:
             loader = batch_loader(images, labels, recipe.optim.batch_size, derive_seed(ctx.seed, "vouch-train"),

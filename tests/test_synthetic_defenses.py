@@ -197,3 +197,21 @@ def test_vouch_outlier_classes_flags_the_class_that_collects_rejected_labels():
     rejected = torch.cat([rejected, torch.zeros(40, dtype=torch.bool)])
     assert not outlier_classes(surplus, rejected, 10).any()
     assert outlier_classes(surplus, rejected, 10, surplus=True).nonzero().flatten().tolist() == [3]
+
+
+def test_vouch_corrects_the_suspect_class_with_the_clients_labels(tiny_config, monkeypatch):
+    import defenses.vouch as vouch
+
+    with pytest.raises(ValueError, match="correct needs scope"):
+        DEFENSES.get("vouch")(correct=True)
+    trained = []
+    monkeypatch.setattr(vouch, "batch_loader", lambda images, labels, *a, **k: trained.append(labels) or [])
+    monkeypatch.setattr(vouch, "fit", lambda *a, **k: None)
+    cfg = tiny_config({"attack": {"name": "fm", "params": {"poison_rate": 0.5}}, "fl": {"rounds": 1},
+                       "defense": {"name": "vouch", "params": {"scope": "surplus", "correct": True}},
+                       "runtime": {"logger": "none"}})
+    record = run_cell(cfg, log=lambda *_: None)
+    decisions = record["rounds"][-1]["decisions"]
+    assert decisions["suspect_classes"] == [cfg.backdoor.target]  # the relabelled class holds a surplus
+    size = record["synthetic"]["size"] if isinstance(record.get("synthetic"), dict) else cfg.synthetic.size
+    assert decisions["vouched"] < size == len(trained[0])  # the rejected samples relabelled, not dropped
