@@ -86,6 +86,8 @@ class ClientVouching(Defense):
     - ``retrain`` (True): train the fused model on the vouched samples after the vouching round (the
       postponed pre-training); False: the vouched labels act through fusion's CE term only.
     - ``clip`` (True): clip client updates to the round's median norm before aggregation.
+    - ``top_k`` (1): a label is vouched for when it is among the ensemble's ``top_k`` classes.
+    - ``restart`` ("all"): what is re-initialised before round 1 (``head``: the classifier head only).
     - ``scope`` ("all"): which labels need the clients' vouch. ``outliers``: only the labels of the
       classes that collect an outlying number of rejected labels (a relabelling backdoor piles its
       rejected labels into its target class); every other label is kept. The rest of the synthetic
