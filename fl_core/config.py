@@ -33,7 +33,7 @@ def validate(cfg: CellConfig) -> CellConfig:
     dataset's facts (read without decoding it), the device and the plugins' parameters, before any
     compute. Types, ranges and choices of single fields were checked when the config was built."""
     from fl_core import models, synthetic
-    from fl_core.data import apply_trigger, bind_trigger_pool, dataset_facts, resolve_data_root
+    from fl_core.data import apply_trigger, bind_trigger_pool, dataset_facts, resolve_cache_dir
     from fl_core.hooks import public_params
     from fl_core.plugins import registries
 
@@ -79,8 +79,8 @@ def validate(cfg: CellConfig) -> CellConfig:
            "synthetic.ddpm.guidance_scale", "classifier-free guidance needs a model trained with train_uncond_prob > 0")
     check(s.provider != "diffusers" or bool(s.diffusers.pipeline), "synthetic.diffusers.pipeline",
            "the diffusers provider needs a pipeline path or hub id")
-    cache_dir = cfg.runtime.cache_dir or Path(resolve_data_root(cfg.runtime.data_root)) / "cache"
-    check(not Path(cache_dir).exists() or Path(cache_dir).is_dir(), "runtime.cache_dir",
+    cache_dir = resolve_cache_dir(cfg.runtime.cache_dir, cfg.runtime.data_root)
+    check(not cache_dir.exists() or cache_dir.is_dir(), "runtime.cache_dir",
           f"{cache_dir} exists and is not a folder")
     if s.provider == "diffusers":
         _check_pipeline(s.diffusers.pipeline)
@@ -170,13 +170,13 @@ def check_ready(cfg: CellConfig) -> None:
     """What a validated cell needs on disk before it can run (checked by ``run`` and ``grid`` before any
     compute; ``benchmarks.fm prepare`` makes it): a ddpm provider's trained model, or its synthetic set
     already in the cache."""
-    from fl_core.data import resolve_data_root
+    from fl_core.data import resolve_cache_dir
     from fl_core.synthetic import cached_for, ddpm_folder_of
 
     s = cfg.synthetic
     if s.provider != "ddpm":
         return
-    cache_dir = Path(cfg.runtime.cache_dir or resolve_data_root(cfg.runtime.data_root) / "cache")
+    cache_dir = resolve_cache_dir(cfg.runtime.cache_dir, cfg.runtime.data_root)
     folder = ddpm_folder_of(s.ddpm, cfg.data.dataset, cfg.data.public_size, cache_dir)
     key = "synthetic.ddpm.weights" if s.ddpm.weights else "synthetic.provider"
     check((folder / "unet").is_dir() or cached_for(s, cfg.data.dataset, cfg.seed, cache_dir), key,

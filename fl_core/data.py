@@ -156,6 +156,11 @@ def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get(DATA_ROOT_ENV) or "data").expanduser()
 
 
+def resolve_cache_dir(cache_dir: str | os.PathLike | None, data_root: str | os.PathLike | None) -> Path:
+    """The stage cache: the explicit folder, else ``cache`` under the data root."""
+    return Path(cache_dir) if cache_dir else resolve_data_root(data_root) / "cache"
+
+
 # ---------------------------------------------------------------- readers
 
 

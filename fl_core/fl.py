@@ -25,6 +25,7 @@ from fl_core.data import (
     ImageData,
     bind_trigger_pool,
     load_dataset,
+    resolve_cache_dir,
     resolve_data_root,
     training_loader,
 )
@@ -82,7 +83,7 @@ def prepare(cfg: CellConfig) -> Setup:
     rt = cfg.runtime
     torch.set_num_threads(rt.threads)  # fixed, not load-dependent: the last digits depend on it (fl_core/threads.py)
     root = resolve_data_root(rt.data_root)
-    cache_dir = Path(rt.cache_dir) if rt.cache_dir else root / "cache"
+    cache_dir = resolve_cache_dir(rt.cache_dir, root)
     ds = load_dataset(cfg.data.dataset, root, cache_dir, cfg.data.download)
     d = cfg.data  # sizes and classes were checked against the dataset's facts by config.validate
     client_idx, public_idx = stratified_split(ds.train.labels, d.public_size, cfg.seed, "public")
