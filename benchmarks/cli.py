@@ -109,17 +109,24 @@ def writable_folder(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Inside the block, SIGTERM (``kill``, a batch scheduler's stop) takes Ctrl-C's path: a grid's workers
-    stopped and its finished cells kept, a cell's partial output dropped; exit status 130."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+def signals_handled(handler, *signals: signal.Signals):
+    """Inside the block, ``handler`` answers ``signals``; the previous handlers come back after it. Only the
+    main thread may set handlers: elsewhere the block runs with the handlers as they are."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, earlier in previous.items():
+            signal.signal(s, earlier)
+
+
+def sigterm_as_interrupt():
+    """A block inside which SIGTERM (``kill``, a batch scheduler's stop) takes Ctrl-C's path: a grid's
+    workers stopped and its finished cells kept, a cell's partial output dropped; exit status 130."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signals_handled(interrupt, signal.SIGTERM)

@@ -10,7 +10,6 @@ a setting is recorded as not applicable. At the end the report (tables, plots) i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -32,6 +31,7 @@ from benchmarks.cli import (
     estimate_seconds,
     runtime_overrides,
     sigterm_as_interrupt,
+    signals_handled,
     writable_folder,
 )
 from benchmarks.gridspec import Cell, GridSpec, expand, load_grid, presets, resolve_grid_path
@@ -142,27 +142,31 @@ def _run_local(todo, out, plugins, jobs, on_done, **_):
 
 
 def die_with_parent() -> None:
-    """In a worker: let the kernel send SIGTERM when the grid process dies, even by SIGKILL (Linux), so no
-    worker goes on computing a cell a rerun would then skip as held by another runner."""
+    """In a worker: let the kernel kill it when the grid process dies, even by SIGKILL (Linux), so no worker
+    goes on computing a cell a rerun would then skip as held by another runner. SIGKILL, not SIGTERM:
+    Lightning's Trainer catches SIGTERM during training and ends the cell, and the worker would take the
+    next queued cell."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-@contextlib.contextmanager
-def signals_to_flag(stop: threading.Event):
-    """Inside the block, SIGINT and SIGTERM only set ``stop``: the waiting loop checks it at a safe point,
-    where no lock of the executor is held (an exception raised inside one left the pool hanging)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+STOP_GRACE_SECONDS = 5.0
+
+
+def stop_workers(workers, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Terminate ``workers`` (processes), and kill those still alive after ``grace`` seconds: a cell's own
+    code may catch SIGTERM (Lightning's Trainer does) and let its worker take the next queued cell; no
+    cell may keep running with the code it started on."""
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _run_process(todo, out, plugins, jobs, on_done, **_):
@@ -172,7 +176,9 @@ def _run_process(todo, out, plugins, jobs, on_done, **_):
     stop = threading.Event()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=die_with_parent) as pool:
         try:
-            with signals_to_flag(stop):
+            # the handlers only set a flag: the loop stops at a safe point, where no lock of the executor is
+            # held (an exception raised inside one left the pool hanging)
+            with signals_handled(lambda *_: stop.set(), signal.SIGINT, signal.SIGTERM):
                 futures = {pool.submit(execute_cell, c.config.to_dict(), str(out), plugins): c for c in todo}
                 pending = set(futures)
                 while pending and not stop.is_set():
@@ -183,8 +189,7 @@ def _run_process(todo, out, plugins, jobs, on_done, **_):
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
-            for worker in multiprocessing.active_children():  # no cell keeps running with the code it started on
-                worker.terminate()
+            stop_workers(multiprocessing.active_children())
             raise
 
 

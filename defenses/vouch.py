@@ -36,7 +36,7 @@ from fl_core.updates import clip_rows, deltas, median, set_delta
 
 
 RESTART = ("all", "head")  # what is re-initialised before round 1: the whole model, or its classifier head
-SCOPES = ("all", "outliers", "surplus")  # which labels need the clients' vouch
+SCOPES = ("all", "outliers", "pairs", "surplus")  # which labels need the clients' vouch
 OUTLIER_Z = 3.5  # the modified z-score cut-off of Iglewicz and Hoaglin (1993), not tuned here
 
 
@@ -53,10 +53,10 @@ def clip_to_median(agg: Aggregation, global_model) -> list[float]:
 def label_rank(models, images: torch.Tensor, labels: torch.Tensor, device,
                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, how many classes the weighted mean of the models' softmax outputs ranks above its label
-    (0: the label is the ensemble's top class), and the ensemble's top class."""
+    (0: the label is the ensemble's top class), and that mean (the ensemble's probabilities, on the CPU)."""
     probs = torch.stack([F.softmax(logits(m, images, 500, device).float(), 1) for m in models])
     mean = torch.einsum("m,mnc->nc", weights.float() / weights.sum(), probs).cpu()
-    return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1), mean.argmax(1)
+    return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1), mean
 
 
 def high_outliers(counts: torch.Tensor) -> torch.Tensor:
@@ -68,12 +68,23 @@ def high_outliers(counts: torch.Tensor) -> torch.Tensor:
     return 0.6745 * (counts - med) / mad > OUTLIER_Z
 
 
-def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int, surplus: bool = False) -> torch.Tensor:
+def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int, surplus: bool = False,
+                    judged: torch.Tensor | None = None) -> torch.Tensor:
     """Bool per class: its count of rejected labels is a high outlier over the classes; with ``surplus``,
-    also a class that holds an outlying number of labels (more than a balanced request gives)."""
-    labels = labels.cpu()
-    suspect = high_outliers(torch.bincount(labels[rejected.cpu()], minlength=classes))
-    return suspect | high_outliers(torch.bincount(labels, minlength=classes)) if surplus else suspect
+    also a class that holds an outlying number of labels (more than a balanced request gives); with
+    ``judged`` (the judge's class per sample), also a class whose rejected labels pile onto one judged
+    class (an outlier over every (label, judged) pair: a one-to-one backdoor relabels one source class)."""
+    labels, rejected = labels.cpu(), rejected.cpu()
+    suspect = high_outliers(torch.bincount(labels[rejected], minlength=classes))
+    if surplus:
+        suspect |= high_outliers(torch.bincount(labels, minlength=classes))
+    if judged is not None:
+        pairs = torch.bincount(labels[rejected] * classes + judged.cpu()[rejected], minlength=classes * classes)
+        off = ~torch.eye(classes, dtype=torch.bool).flatten()
+        flagged = torch.zeros(classes * classes, dtype=torch.bool)
+        flagged[off] = high_outliers(pairs[off])
+        suspect |= flagged.view(classes, classes).any(1)
+    return suspect
 
 
 @DEFENSES.register("vouch")
@@ -93,16 +104,23 @@ class ClientVouching(Defense):
       rejected labels into its target class); every other label is kept. The rest of the synthetic
       set then still teaches the restarted model. ``surplus``: also the classes that hold an outlying
       number of labels (a relabelling backdoor that adds its samples to the target inflates it; one that
-      keeps the class counts balanced leaves only the rejection test).
+      keeps the class counts balanced leaves only the rejection test). ``pairs``: also the classes whose
+      rejected labels pile onto one judged class (an outlying (label, judged class) pair: a one-to-one
+      backdoor moves one source class into its target, too few samples to stand out per class).
     - ``correct`` (False): in the retraining, give the rejected samples of the suspect classes the
       clients' ensemble's top class instead of dropping them, so that the images a backdoor relabelled
       teach their own class (and outweigh the few poisoned labels the judge still vouches for).
+    - ``distil`` (False): no sample of a suspect class keeps its FM label, vouched or not: the retraining
+      fits them to the clients' ensemble's probabilities and fusion only distils them. A clean judge's
+      probabilities follow an image's content, not its trigger, so the poisoned images the judge vouches
+      for by chance cannot teach the trigger.
     """
 
     consumes = frozenset({"updates", "synthetic"})
+    omit_at_default = {"distil": False}  # added after the test draws' first run
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
-                 top_k: int = 1, scope: str = "all", correct: bool = False):
+                 top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -112,11 +130,14 @@ class ClientVouching(Defense):
         if scope not in SCOPES:
             raise ValueError(f"scope {scope!r} unknown; valid: {', '.join(SCOPES)}")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
-        if correct and scope == "all":
-            raise ValueError("correct needs scope outliers or surplus: it relabels the suspect classes' rejected samples")
-        self.scope, self.correct = scope, correct
-        self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic
-        self._corrected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, labels)
+        for name, value in (("correct", correct), ("distil", distil)):
+            if value and scope == "all":
+                raise ValueError(f"{name} needs scope outliers, pairs or surplus: it acts on the suspect classes")
+        if correct and distil:
+            raise ValueError("correct and distil both relabel the suspect classes: choose one")
+        self.scope, self.correct, self.distil = scope, correct, distil
+        self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
+        self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
 
     def check(self, cfg) -> None:
         if cfg.fl.rounds < self.vouch_round:
@@ -138,15 +159,21 @@ class ClientVouching(Defense):
             ctx.report(norms=clip_to_median(agg, global_model))
         if ctx.round == self.vouch_round and ctx.synthetic is not None:
             data = ctx.synthetic
-            rank, judged = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
+            rank, probs = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
             proto = agg.updates[0].prototype
             vouched = rank < self.top_k
             if self.scope != "all":
-                suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus")
-                vouched |= ~suspect[data.labels.cpu()]
-                if self.correct:
+                suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus",
+                                          judged=probs.argmax(1) if self.scope == "pairs" else None)
+                in_suspect = suspect[data.labels.cpu()]
+                vouched |= ~in_suspect
+                if self.distil:
+                    vouched &= ~in_suspect
+                    idx = in_suspect.nonzero().flatten()
+                    self._relabelled[proto] = idx, probs[idx]
+                elif self.correct:
                     idx = (~vouched).nonzero().flatten()
-                    self._corrected[proto] = idx, judged[idx]
+                    self._relabelled[proto] = idx, F.one_hot(probs[idx].argmax(1), ctx.num_classes).float()
                 ctx.report(suspect_classes=suspect.nonzero().flatten().tolist())
             self._vouched[proto] = vouched
             ctx.report(vouched=int(vouched.sum()),
@@ -161,14 +188,16 @@ class ClientVouching(Defense):
 
     def after_round(self, global_model, prototype, ctx):
         vouched = self._vouched.get(prototype)
-        if ctx.round != self.vouch_round or not self.retrain or vouched is None or not vouched.any():
+        if (ctx.round != self.vouch_round or not self.retrain or vouched is None
+                or not (vouched.any() or prototype in self._relabelled)):
             return global_model
         data, recipe = ctx.synthetic, ctx.pretraining
         keep = vouched.nonzero().flatten()
         labels = data.labels[keep.to(data.labels.device)]
-        if prototype in self._corrected:
-            idx, judged = self._corrected[prototype]
-            keep, labels = torch.cat([keep, idx]), torch.cat([labels, judged.to(labels.device)])
+        if prototype in self._relabelled:  # class probabilities as targets: one-hot FM labels, then the relabelled
+            idx, targets = self._relabelled[prototype]
+            labels = F.one_hot(labels, targets.shape[1]).float()
+            keep, labels = torch.cat([keep, idx]), torch.cat([labels, targets.to(labels.device)])
         images = data.images[keep.to(data.images.device)]
         steps = recipe.epochs * -(-len(labels) // recipe.optim.batch_size)
         if steps:

@@ -334,7 +334,7 @@ def test_two_runners_on_one_folder_compute_each_cell_once(tiny_grid, tmp_path):
 
 
 SLEEPY_DEFENSE = '''
-import os, time
+import os, signal, time
 from defenses import DEFENSES, Defense
 
 @DEFENSES.register("test-sleepy")
@@ -342,6 +342,7 @@ class Sleepy(Defense):
     consumes = frozenset({"updates"})
 
     def aggregate(self, agg, global_model, ctx):
+        signal.signal(signal.SIGTERM, lambda *_: None)  # as Lightning's Trainer does during training
         open(os.environ["SLEEPY_MARKER"] + str(os.getpid()), "w").close()
         time.sleep(600)
         return agg
@@ -368,7 +369,9 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
-def test_sigterm_to_a_process_grid_stops_its_workers_and_keeps_nothing_half_done(tiny_grid, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_process_grid_stops_its_workers_and_keeps_nothing_half_done(stop, tiny_grid, tmp_path):
+    """Four cells, two workers, one more call queued; each cell ignores SIGTERM, as Lightning's Trainer does."""
     (tmp_path / "sleepy_defense.py").write_text(SLEEPY_DEFENSE)
     marker = tmp_path / "sleeping-"
     out = tmp_path / "out"
@@ -381,9 +384,10 @@ def test_sigterm_to_a_process_grid_stops_its_workers_and_keeps_nothing_half_done
         time.sleep(0.5)
     assert list(tmp_path.glob("sleeping-*")), grid.communicate()[0]  # a worker is inside a cell
     workers = _children(grid.pid)
-    grid.send_signal(signal.SIGTERM)  # to the runner only, not its process group
+    grid.send_signal(stop)  # to the runner only, not its process group
     output = grid.communicate(timeout=60)[0]
-    assert grid.returncode == 130 and "rerun the same command to resume" in output, output
+    if stop == signal.SIGTERM:
+        assert grid.returncode == 130 and "rerun the same command to resume" in output, output
     deadline = time.time() + 30
     while any(_running(w) for w in workers) and time.time() < deadline:
         time.sleep(0.5)

@@ -199,6 +199,45 @@ def test_vouch_outlier_classes_flags_the_class_that_collects_rejected_labels():
     assert outlier_classes(surplus, rejected, 10, surplus=True).nonzero().flatten().tolist() == [3]
 
 
+def test_vouch_pairs_flag_the_class_one_source_class_was_relabelled_into():
+    from defenses.vouch import outlier_classes
+
+    labels = torch.arange(10).repeat_interleave(300)
+    judged = labels.clone()
+    for c in range(10):  # a judge that spreads 150-177 rejections of every class over the other classes
+        wrong = torch.arange(150 + 3 * c)
+        judged[c * 300 + wrong] = (c + 1 + wrong % 9) % 10
+    rejected = judged != labels
+    assert not outlier_classes(labels, rejected, 10, judged=judged).any()
+    judged[4 * 300: 4 * 300 + 60] = 2  # 60 of class 2's images relabelled 4 (one-to-one): per class, no outlier
+    rejected = judged != labels
+    assert not outlier_classes(labels, rejected, 10).any()
+    assert outlier_classes(labels, rejected, 10, judged=judged).nonzero().flatten().tolist() == [4]
+
+
+def test_vouch_distil_gives_the_suspect_class_the_clients_probabilities(tiny_config, monkeypatch):
+    import defenses.vouch as vouch
+
+    with pytest.raises(ValueError, match="distil needs scope"):
+        DEFENSES.get("vouch")(distil=True)
+    with pytest.raises(ValueError, match="choose one"):
+        DEFENSES.get("vouch")(scope="outliers", distil=True, correct=True)
+    trained = []
+    monkeypatch.setattr(vouch, "batch_loader", lambda images, labels, *a, **k: trained.append(labels) or [])
+    monkeypatch.setattr(vouch, "fit", lambda *a, **k: None)
+    cfg = tiny_config({"attack": {"name": "fm", "params": {"poison_rate": 0.5}}, "fl": {"rounds": 1},
+                       "defense": {"name": "vouch", "params": {"scope": "surplus", "distil": True}},
+                       "runtime": {"logger": "none"}})
+    record = run_cell(cfg, log=lambda *_: None)
+    decisions = record["rounds"][-1]["decisions"]
+    target = cfg.backdoor.target
+    assert decisions["suspect_classes"] == [target]
+    targets = trained[0]
+    assert len(targets) == cfg.synthetic.size and torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    soft = targets.max(1).values < 1  # every sample of the suspect class, and only those, gets probabilities
+    assert soft.sum() == cfg.synthetic.size - decisions["vouched"]
+
+
 def test_vouch_corrects_the_suspect_class_with_the_clients_labels(tiny_config, monkeypatch):
     import defenses.vouch as vouch
 
