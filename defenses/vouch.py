@@ -89,7 +89,7 @@ def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int, 
 
 @DEFENSES.register("vouch")
 class ClientVouching(Defense):
-    """Parameters (docs/DEFENSES.md says what each was chosen on):
+    """Parameters (docs/VOUCH.md says what each was chosen on):
 
     - ``vouch_round`` (1): the round whose clients' ensemble vouches for labels; before it no FM label
       reaches any model. Later rounds give the clients more clean training (a better judge) but leave

@@ -215,42 +215,35 @@ def test_vouch_pairs_flag_the_class_one_source_class_was_relabelled_into():
     assert outlier_classes(labels, rejected, 10, judged=judged).nonzero().flatten().tolist() == [4]
 
 
-def test_vouch_distil_gives_the_suspect_class_the_clients_probabilities(tiny_config, monkeypatch):
+def _vouch_retraining_targets(tiny_config, monkeypatch, params: dict):
+    """A one-round fm cell (half of the set poisoned) defended by ``vouch(**params)``, its retraining stubbed
+    out: the config, the vouching round's decisions and the targets the retraining was given."""
     import defenses.vouch as vouch
 
-    with pytest.raises(ValueError, match="distil needs scope"):
-        DEFENSES.get("vouch")(distil=True)
-    with pytest.raises(ValueError, match="choose one"):
-        DEFENSES.get("vouch")(scope="outliers", distil=True, correct=True)
     trained = []
     monkeypatch.setattr(vouch, "batch_loader", lambda images, labels, *a, **k: trained.append(labels) or [])
     monkeypatch.setattr(vouch, "fit", lambda *a, **k: None)
     cfg = tiny_config({"attack": {"name": "fm", "params": {"poison_rate": 0.5}}, "fl": {"rounds": 1},
-                       "defense": {"name": "vouch", "params": {"scope": "surplus", "distil": True}},
-                       "runtime": {"logger": "none"}})
+                       "defense": {"name": "vouch", "params": params}, "runtime": {"logger": "none"}})
     record = run_cell(cfg, log=lambda *_: None)
-    decisions = record["rounds"][-1]["decisions"]
-    target = cfg.backdoor.target
-    assert decisions["suspect_classes"] == [target]
-    targets = trained[0]
+    return cfg, record["rounds"][-1]["decisions"], trained[0]
+
+
+def test_vouch_distil_gives_the_suspect_class_the_clients_probabilities(tiny_config, monkeypatch):
+    with pytest.raises(ValueError, match="distil needs scope"):
+        DEFENSES.get("vouch")(distil=True)
+    with pytest.raises(ValueError, match="choose one"):
+        DEFENSES.get("vouch")(scope="outliers", distil=True, correct=True)
+    cfg, decisions, targets = _vouch_retraining_targets(tiny_config, monkeypatch, {"scope": "surplus", "distil": True})
+    assert decisions["suspect_classes"] == [cfg.backdoor.target]
     assert len(targets) == cfg.synthetic.size and torch.allclose(targets.sum(1), torch.ones(len(targets)))
     soft = targets.max(1).values < 1  # every sample of the suspect class, and only those, gets probabilities
     assert soft.sum() == cfg.synthetic.size - decisions["vouched"]
 
 
 def test_vouch_corrects_the_suspect_class_with_the_clients_labels(tiny_config, monkeypatch):
-    import defenses.vouch as vouch
-
     with pytest.raises(ValueError, match="correct needs scope"):
         DEFENSES.get("vouch")(correct=True)
-    trained = []
-    monkeypatch.setattr(vouch, "batch_loader", lambda images, labels, *a, **k: trained.append(labels) or [])
-    monkeypatch.setattr(vouch, "fit", lambda *a, **k: None)
-    cfg = tiny_config({"attack": {"name": "fm", "params": {"poison_rate": 0.5}}, "fl": {"rounds": 1},
-                       "defense": {"name": "vouch", "params": {"scope": "surplus", "correct": True}},
-                       "runtime": {"logger": "none"}})
-    record = run_cell(cfg, log=lambda *_: None)
-    decisions = record["rounds"][-1]["decisions"]
+    cfg, decisions, targets = _vouch_retraining_targets(tiny_config, monkeypatch, {"scope": "surplus", "correct": True})
     assert decisions["suspect_classes"] == [cfg.backdoor.target]  # the relabelled class holds a surplus
-    size = record["synthetic"]["size"] if isinstance(record.get("synthetic"), dict) else cfg.synthetic.size
-    assert decisions["vouched"] < size == len(trained[0])  # the rejected samples relabelled, not dropped
+    assert decisions["vouched"] < cfg.synthetic.size == len(targets)  # the rejected samples relabelled, not dropped
