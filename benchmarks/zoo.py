@@ -8,8 +8,11 @@ disjoint index ranges: **development** draws (``dev``, indices from 0) on which 
 the test draws measure families no defense was developed on.
 
 In a grid the axis named ``zoo`` takes ``{zoo: all | <family>, draws: dev | test, n: N, threat: fm |
-classic}`` and expands into N cells (``benchmarks.gridspec.expand``); each draw fixes the cell's seed
-(test draws 0-2, development draws 100-102, by index).
+classic | clean}`` and expands into N cells (``benchmarks.gridspec.expand``); each draw fixes the cell's seed
+(test draws 0-2, development draws 100-102, by index). The ``clean`` threat is no attack at all: the
+draw's trigger, target and seed on an attack-free run, whose ASR is the draw's *natural* ASR (how often a
+model that never saw a poisoned sample already sends triggered inputs to the target), the floor that
+no defense can be expected to go under.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ DEV_START, TEST_START = 0, 1_000_000
 RANGES = {"dev": (DEV_START, TEST_START), "test": (TEST_START, 2 * TEST_START)}
 FAMILIES = ("patch", "blend", "warp", "object", "sig", "lowfreq", "ftrojan", "bpp", "refool")
 TEST_ONLY = ("ftrojan", "bpp", "refool")
-THREATS = ("fm", "classic")
+THREATS = ("fm", "classic", "clean")
 CLASSES = 10  # the zoo's targets and sources are drawn for ten-class datasets (CIFAR-10, Fashion-MNIST)
 CLIENTS = 10  # cross-silo: the classic boost goes up to clients / malicious clients (n / m)
 SPEC_KEYS = {"zoo", "draws", "n", "threat", "label"}
@@ -113,6 +116,8 @@ def draw(index: int, threat: str) -> Draw:
     rng = _rng(index, threat)
     if threat == "fm":
         overrides["attack"] = {"name": "fm", "params": {"poison_rate": _u(rng, 0.05, 0.3)}}
+    elif threat == "clean":
+        overrides["attack"] = {"name": "none", "params": {}}
     else:
         m = rng.randint(1, 5)
         boost = 1.0 if rng.random() < 0.5 else _u(rng, 1.0, CLIENTS / m)
@@ -158,5 +163,6 @@ def defended(data: dict) -> bool:
 
 
 def allowed(d: Draw, data: dict) -> bool:
-    """The protocol: a development draw of a test-only family runs undefended only."""
-    return not (d.split == "dev" and d.family in TEST_ONLY and defended(data))
+    """The protocol: a development draw of a test-only family runs undefended only, and so does a clean
+    draw (it measures the draw's trigger, not a defense)."""
+    return not ((d.threat == "clean" or (d.split == "dev" and d.family in TEST_ONLY)) and defended(data))

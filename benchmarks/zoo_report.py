@@ -2,7 +2,10 @@
 
 A draw *bites* when its undefended cell reaches ASR >= ``BITES``; a defended cell of a biting draw
 *passes* when its ASR <= ``PASS_ASR`` and its ACC drop against the undefended cell of the same draw
-<= ``PASS_DROP``. Draws that do not bite are counted apart, never as passes.
+<= ``PASS_DROP``. Draws that do not bite are counted apart, never as passes. Where the grid holds a
+draw's attack-free cell (threat ``clean``), the draw's *natural* ASR is that cell's ASR, and a biting draw
+is *reachable* when its natural ASR <= ``PASS_ASR`` (a defense that leaves a model as good as a clean one
+can pass it); the pass criterion itself stays the same.
 """
 from __future__ import annotations
 
@@ -15,12 +18,26 @@ BITES, PASS_ASR, PASS_DROP = 50.0, 10.0, 3.0
 DEFENSE_AXIS = "defense"
 
 
+def draw_id(label: str) -> str:
+    """``dev019-blend-fm`` -> ``dev019``: what a draw's threats have in common."""
+    return label.split("-", 1)[0]
+
+
 def zoo_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """The finished cells with ``threat``, ``family``, ``undefended_asr``, ``bites`` and ``passes``."""
+    """The finished attacked cells with ``threat``, ``family``, ``undefended_asr``, ``natural_asr`` (NaN
+    without the draw's clean cell), ``bites``, ``reachable`` and ``passes``."""
     done = cells[cells["status"] == "done"].copy()
     if done.empty:
         return done
-    done["threat"] = done["cfg.attack.name"].map(lambda name: "fm" if name == "fm" else "classic")
+    attack = done["cfg.attack.name"]
+    done["threat"] = attack.map(lambda name: "clean" if name == "none" else "fm" if name == "fm" else "classic")
+    done["natural_asr"] = float("nan")
+    if "zoo" in done:
+        clean = done[(done["threat"] == "clean") & (done["defense_name"] == "none")]
+        natural = dict(zip(zip(clean["cfg.data.dataset"], clean["zoo"].map(draw_id)), clean["asr"]))
+        done["natural_asr"] = [natural.get((d, draw_id(z)), float("nan"))
+                               for d, z in zip(done["cfg.data.dataset"], done["zoo"])]
+    done = done[done["threat"] != "clean"]
     done["family"] = done["cfg.backdoor.trigger.kind"]
     done["dataset"] = done["cfg.data.dataset"]
     if DEFENSE_AXIS not in done:
@@ -28,16 +45,23 @@ def zoo_cells(cells: pd.DataFrame) -> pd.DataFrame:
     asr = cells.set_index("key")["asr"]
     done["undefended_asr"] = done["undefended_key"].map(asr)
     done["bites"] = done["undefended_asr"] >= BITES
+    done["reachable"] = done["bites"] & (done["natural_asr"] <= PASS_ASR)
     done["passes"] = done["bites"] & (done["asr"] <= PASS_ASR) & (done["acc_drop_vs_undefended"] <= PASS_DROP)
     return done
 
 
 def _summary(frame: pd.DataFrame) -> pd.Series:
     biting = frame[frame["bites"]]
+    reachable = {}
+    if biting["natural_asr"].notna().any():  # the grid holds the draws' clean cells
+        ok = biting[biting["reachable"]]
+        reachable = {"reachable": len(ok),
+                     "pass rate, reachable (%)": round(100 * ok["passes"].mean(), 1) if len(ok) else float("nan")}
     return pd.Series({
         "draws": len(frame),
         "bite": len(biting),
         "pass rate (%)": round(100 * biting["passes"].mean(), 1) if len(biting) else float("nan"),
+        **reachable,
         "median ASR": round(biting["asr"].median(), 2) if len(biting) else float("nan"),
         "p90 ASR": round(biting["asr"].quantile(0.9), 2) if len(biting) else float("nan"),
         "median ACC drop": round(biting["acc_drop_vs_undefended"].median(), 2) if len(biting) else float("nan"),
@@ -57,7 +81,8 @@ def zoo_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
     def by(keys: list[str]) -> pd.DataFrame:
         table = done.groupby([DEFENSE_AXIS] + keys, sort=False).apply(_summary, include_groups=False).reset_index()
         table[DEFENSE_AXIS] = pd.Categorical(table[DEFENSE_AXIS], order, ordered=True)
-        return table.sort_values([DEFENSE_AXIS] + keys).astype({"draws": int, "bite": int})
+        counts = {c: int for c in ("draws", "bite", "reachable") if c in table}
+        return table.sort_values([DEFENSE_AXIS] + keys).astype(counts)
 
     undefended = done[done["defense_name"] == "none"]
     bite = undefended.groupby(["threat", "dataset", "family"]).agg(
@@ -76,13 +101,14 @@ def draw_table(undefended: pd.DataFrame) -> pd.DataFrame:
     """One row per undefended draw: what was drawn (trigger, backdoor, attack) and what it reached."""
     columns = {"zoo": "draw", "dataset": "dataset", "cfg.backdoor.trigger.params": "trigger parameters",
                "cfg.backdoor.target": "target", "cfg.backdoor.mapping": "mapping",
-               "cfg.attack.params": "attack parameters", "acc": "ACC", "asr": "ASR", "bites": "bites"}
-    present = {k: v for k, v in columns.items() if k in undefended}
+               "cfg.attack.params": "attack parameters", "acc": "ACC", "asr": "ASR", "bites": "bites",
+               "natural_asr": "natural ASR"}
+    present = {k: v for k, v in columns.items() if k in undefended and undefended[k].notna().any()}
     table = undefended[list(present)].rename(columns=present)
     for name in ("trigger parameters", "attack parameters"):
         if name in table:
             table[name] = table[name].map(_params_text)
-    return table.round({"ACC": 2, "ASR": 2}).sort_values([c for c in ("dataset", "draw") if c in table])
+    return table.round({"ACC": 2, "ASR": 2, "natural ASR": 2}).sort_values([c for c in ("dataset", "draw") if c in table])
 
 
 def _params_text(params) -> str:

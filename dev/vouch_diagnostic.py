@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--param", action="append", default=[], help="vouch parameter k=v (YAML value)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="cell overrides (defense.* too)")
+    parser.add_argument("--save", help="also save the judge's view (labels, ensemble probabilities, poisoned mask, "
+                                       "target) to this file, for offline analysis of the vouching rules")
     args = parser.parse_args(argv)
     if not args.draw.startswith("dev"):
         parser.error("development draws only (dev...)")
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} clean vouched {100 * float(vouched[~poisoned].float().mean()):5.1f} %   "
               f"poison leaked {100 * float(vouched[poisoned].float().mean()):5.1f} % ({int(vouched[poisoned].sum())})")
     per_class(labels, rank, poisoned, mean.argmax(1), cfg.backdoor.target)
+    if args.save:
+        torch.save({"labels": labels, "probs": probs, "poisoned": poisoned, "target": cfg.backdoor.target,
+                    "mapping": cfg.backdoor.mapping, "source": cfg.backdoor.source}, args.save)
     return 0
 
 

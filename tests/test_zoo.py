@@ -65,16 +65,17 @@ def test_the_zoo_axis_expands_into_valid_cells_and_keeps_test_only_families_unde
     base["data"]["min_samples"] = 1
     spec = GridSpec("z", base=base, scales={"cpu": {}}, axes={
         "zoo": [{"zoo": "all", "draws": "dev", "n": 9, "threat": "fm"},
-                {"zoo": "all", "draws": "dev", "n": 9, "threat": "classic"}],
+                {"zoo": "all", "draws": "dev", "n": 9, "threat": "classic"},
+                {"zoo": "all", "draws": "dev", "n": 9, "threat": "clean"}],
         "defense": [{"name": "none"}, {"name": "median"}]})
     cells = expand(spec)
     undefended = [c for c in cells if c.config.defense.name == "none"]
     defended = [c for c in cells if c.config.defense.name != "none"]
-    assert len(undefended) == 18 and len(defended) == 12  # 3 test-only families x 2 threats run undefended only
+    assert len(undefended) == 27 and len(defended) == 12  # test-only families and clean draws run undefended only
     assert not {c.config.backdoor.trigger.kind for c in defended} & set(zoo.TEST_ONLY)
     assert {c.config.backdoor.trigger.kind for c in undefended} == set(zoo.FAMILIES)
     assert all(c.config.seed >= 100 for c in cells)
-    assert {c.labels["zoo"].rsplit("-", 1)[1] for c in cells} == {"fm", "classic"}
+    assert {c.labels["zoo"].rsplit("-", 1)[1] for c in cells} == {"fm", "classic", "clean"}
     with pytest.raises(ConfigError, match="seed"):
         from benchmarks.gridspec import check_rules
         check_rules(GridSpec("z", axes={"zoo": [], "seed": [0]}), "z.yaml")
@@ -82,11 +83,13 @@ def test_the_zoo_axis_expands_into_valid_cells_and_keeps_test_only_families_unde
 
 def test_zoo_test_preset_has_enough_disjoint_test_draws_per_defense():
     spec = load_grid(resolve_grid_path("zoo_test", None))
-    draws = zoo.expand_spec(spec.axes["zoo"][0]) + zoo.expand_spec(spec.axes["zoo"][1])
-    per_defense = len(spec.axes["data.dataset"]) * len(draws)
+    draws = [d for v in spec.axes["zoo"] for d in zoo.expand_spec(v)]
+    attacks = [d for d in draws if d.threat != "clean"]
+    per_defense = len(spec.axes["data.dataset"]) * len(attacks)
     assert per_defense >= 96 and all(d.split == "test" for d in draws)
     for threat in zoo.THREATS:
         assert {d.family for d in draws if d.threat == threat} == set(zoo.FAMILIES)
+    assert {d.index for d in draws if d.threat == "clean"} == {d.index for d in draws if d.threat == "fm"}
     dev = load_grid(resolve_grid_path("zoo_dev", None))
     dev_draws = [d for v in dev.axes["zoo"] for d in zoo.expand_spec(v)]
     assert all(d.split == "dev" for d in dev_draws)
@@ -123,3 +126,29 @@ def test_draw_table_lists_each_undefended_draw_with_its_parameters():
     table = zoo_tables(cells)["Zoo: every undefended draw, its parameters and its ASR"]
     assert table["draw"].tolist() == ["dev000-patch-fm"] and bool(table["bites"].iloc[0])
     assert table["trigger parameters"].iloc[0] == "size=3, color=255/0/0"
+
+
+def test_a_clean_draw_keeps_the_trigger_and_drops_the_attack():
+    fm, clean = zoo.draw(7, "fm"), zoo.draw(7, "clean")
+    assert clean.overrides["backdoor"] == fm.overrides["backdoor"] and clean.overrides["seed"] == fm.overrides["seed"]
+    assert clean.overrides["attack"] == {"name": "none", "params": {}} and clean.label == f"dev007-{fm.family}-clean"
+
+
+def test_natural_asr_comes_from_the_draws_clean_cell_and_marks_unreachable_draws():
+    rows = [{**_cell("u1", "none", 90, 60, "u1"), "zoo": "dev000-patch-fm"},
+            {**_cell("d1", "x", 5, 59, "u1"), "zoo": "dev000-patch-fm"},
+            {**_cell("c1", "none", 2, 61, "c1", attack="none"), "zoo": "dev000-patch-clean"},
+            {**_cell("u2", "none", 95, 60, "u2"), "zoo": "dev001-blend-fm"},
+            {**_cell("d2", "x", 25, 60, "u2"), "zoo": "dev001-blend-fm"},
+            {**_cell("c2", "none", 30, 61, "c2", attack="none"), "zoo": "dev001-blend-clean"}]
+    cells = pd.DataFrame(rows)
+    cells["acc_drop_vs_undefended"] = cells["undefended_key"].map(cells.set_index("key")["acc"]) - cells["acc"]
+    done = zoo_cells(cells).set_index("key")
+    assert "c1" not in done.index and "c2" not in done.index  # a clean cell is no attack of the zoo
+    assert done["natural_asr"].to_dict() == {"u1": 2, "d1": 2, "u2": 30, "d2": 30}
+    assert done.loc["d1", "reachable"] and not done.loc["d2", "reachable"] and not done.loc["d2", "passes"]
+    table = next(iter(zoo_tables(cells).values())).set_index(["defense", "threat"])
+    assert table.loc[("x", "fm"), "reachable"] == 1 and table.loc[("x", "fm"), "pass rate, reachable (%)"] == 100.0
+    assert table.loc[("x", "fm"), "pass rate (%)"] == 50.0
+    draws = zoo_tables(cells)["Zoo: every undefended draw, its parameters and its ASR"]
+    assert draws.set_index("draw")["natural ASR"].to_dict() == {"dev000-patch-fm": 2, "dev001-blend-fm": 30}
