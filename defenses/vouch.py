@@ -36,7 +36,7 @@ from fl_core.updates import clip_rows, deltas, median, set_delta
 
 
 RESTART = ("all", "head")  # what is re-initialised before round 1: the whole model, or its classifier head
-SCOPES = ("all", "outliers", "pairs", "surplus")  # which labels need the clients' vouch
+SCOPES = ("all", "outliers", "pairs", "asymmetric", "surplus")  # which labels need the clients' vouch
 OUTLIER_Z = 3.5  # the modified z-score cut-off of Iglewicz and Hoaglin (1993), not tuned here
 
 
@@ -59,31 +59,47 @@ def label_rank(models, images: torch.Tensor, labels: torch.Tensor, device,
     return (mean > mean.gather(1, labels.cpu()[:, None])).sum(1), mean
 
 
-def high_outliers(counts: torch.Tensor) -> torch.Tensor:
-    """Bool per entry: a high outlier of ``counts`` (modified z-score 0.6745 (x - median) / MAD above
-    ``OUTLIER_Z``; a MAD under one sample counts as one)."""
-    counts = counts.float()
-    med = counts.median()
-    mad = (counts - med).abs().median().clamp_min(1.0)
-    return 0.6745 * (counts - med) / mad > OUTLIER_Z
+NORMAL_MAD = 0.6745  # the MAD of a standard normal variable
+
+
+def high_outliers(values: torch.Tensor, min_mad: float = 1.0) -> torch.Tensor:
+    """Bool per entry: a high outlier of ``values`` (modified z-score 0.6745 (x - median) / MAD above
+    ``OUTLIER_Z``; a MAD under ``min_mad`` counts as ``min_mad``: for counts, one sample)."""
+    values = values.float()
+    med = values.median()
+    mad = (values - med).abs().median().clamp_min(min_mad)
+    return NORMAL_MAD * (values - med) / mad > OUTLIER_Z
+
+
+def asymmetry(pairs: torch.Tensor) -> torch.Tensor:
+    """Per (label, judged class) count of rejected labels, how far it exceeds its mirrored count (judged,
+    label) in standard deviations of a fair split: (n_lj - n_jl) / sqrt(n_lj + n_jl), 0 where both are 0.
+    A judge's ordinary confusions go both ways (cat for dog and dog for cat); a one-to-one relabelling
+    goes one way only."""
+    both = pairs + pairs.T
+    return torch.where(both > 0, (pairs - pairs.T) / both.clamp_min(1).sqrt(), torch.zeros_like(both))
 
 
 def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int, surplus: bool = False,
-                    judged: torch.Tensor | None = None) -> torch.Tensor:
+                    judged: torch.Tensor | None = None, asymmetric: bool = False) -> torch.Tensor:
     """Bool per class: its count of rejected labels is a high outlier over the classes; with ``surplus``,
     also a class that holds an outlying number of labels (more than a balanced request gives); with
     ``judged`` (the judge's class per sample), also a class whose rejected labels pile onto one judged
-    class (an outlier over every (label, judged) pair: a one-to-one backdoor relabels one source class)."""
+    class (a one-to-one backdoor relabels one source class): an outlier over every (label, judged) pair's
+    count or, with ``asymmetric``, over every pair's asymmetry against its mirrored pair (a z-score, so
+    its MAD is at least a standard normal's: never more sensitive than a fair split's noise)."""
     labels, rejected = labels.cpu(), rejected.cpu()
     suspect = high_outliers(torch.bincount(labels[rejected], minlength=classes))
     if surplus:
         suspect |= high_outliers(torch.bincount(labels, minlength=classes))
     if judged is not None:
         pairs = torch.bincount(labels[rejected] * classes + judged.cpu()[rejected], minlength=classes * classes)
-        off = ~torch.eye(classes, dtype=torch.bool).flatten()
-        flagged = torch.zeros(classes * classes, dtype=torch.bool)
-        flagged[off] = high_outliers(pairs[off])
-        suspect |= flagged.view(classes, classes).any(1)
+        pairs = pairs.view(classes, classes).float()
+        off = ~torch.eye(classes, dtype=torch.bool)
+        flagged = torch.zeros(classes, classes, dtype=torch.bool)
+        flagged[off] = (high_outliers(asymmetry(pairs)[off], NORMAL_MAD) if asymmetric
+                        else high_outliers(pairs[off]))
+        suspect |= flagged.any(1)
     return suspect
 
 
@@ -107,6 +123,8 @@ class ClientVouching(Defense):
       keeps the class counts balanced leaves only the rejection test). ``pairs``: also the classes whose
       rejected labels pile onto one judged class (an outlying (label, judged class) pair: a one-to-one
       backdoor moves one source class into its target, too few samples to stand out per class).
+      ``asymmetric``: as ``pairs``, but a pair is outlying by its asymmetry against the mirrored pair
+      (label and judged class swapped), which discounts the judge's own two-way confusions.
     - ``correct`` (False): in the retraining, give the rejected samples of the suspect classes the
       clients' ensemble's top class instead of dropping them, so that the images a backdoor relabelled
       teach their own class (and outweigh the few poisoned labels the judge still vouches for).
@@ -164,7 +182,8 @@ class ClientVouching(Defense):
             vouched = rank < self.top_k
             if self.scope != "all":
                 suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus",
-                                          judged=probs.argmax(1) if self.scope == "pairs" else None)
+                                          judged=probs.argmax(1) if self.scope in ("pairs", "asymmetric") else None,
+                                          asymmetric=self.scope == "asymmetric")
                 in_suspect = suspect[data.labels.cpu()]
                 vouched |= ~in_suspect
                 if self.distil:

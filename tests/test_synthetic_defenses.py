@@ -247,3 +247,21 @@ def test_vouch_corrects_the_suspect_class_with_the_clients_labels(tiny_config, m
     cfg, decisions, targets = _vouch_retraining_targets(tiny_config, monkeypatch, {"scope": "surplus", "correct": True})
     assert decisions["suspect_classes"] == [cfg.backdoor.target]  # the relabelled class holds a surplus
     assert decisions["vouched"] < cfg.synthetic.size == len(targets)  # the rejected samples relabelled, not dropped
+
+
+def test_vouch_asymmetric_pairs_discount_two_way_confusions_and_flag_a_one_way_relabelling():
+    from defenses.vouch import outlier_classes
+
+    labels = torch.arange(10).repeat_interleave(300)
+    judged = labels.clone()
+    for c in range(10):  # a judge that spreads 150-177 rejections of every class over the other classes ...
+        wrong = torch.arange(150 + 3 * c)
+        judged[c * 300 + wrong] = (c + 1 + wrong % 9) % 10
+    for a, b in ((3, 5), (5, 3)):  # ... and confuses classes 3 and 5 both ways (60 of their rejections)
+        judged[a * 300: a * 300 + 60] = b
+    rejected = judged != labels
+    assert outlier_classes(labels, rejected, 10, judged=judged).nonzero().flatten().tolist() == [3, 5]
+    assert not outlier_classes(labels, rejected, 10, judged=judged, asymmetric=True).any()
+    judged[4 * 300: 4 * 300 + 60] = 2  # 60 of class 2's images relabelled 4 (one-to-one): one way only
+    rejected = judged != labels
+    assert outlier_classes(labels, rejected, 10, judged=judged, asymmetric=True).nonzero().flatten().tolist() == [4]
