@@ -141,15 +141,18 @@ def _run_local(todo, out, plugins, jobs, on_done, **_):
         on_done(cell, execute_cell(cell.config.to_dict(), str(out), plugins))
 
 
-def die_with_parent() -> None:
-    """In a worker: let the kernel kill it when the grid process dies, even by SIGKILL (Linux), so no worker
-    goes on computing a cell a rerun would then skip as held by another runner. SIGKILL, not SIGTERM:
-    Lightning's Trainer catches SIGTERM during training and ends the cell, and the worker would take the
-    next queued cell."""
+def die_with_parent(parent: int) -> None:
+    """In a worker of the grid process ``parent`` (its pid): let the kernel kill it when the grid process
+    dies, even by SIGKILL (Linux), so no worker goes on computing a cell a rerun would then skip as held by
+    another runner. SIGKILL, not SIGTERM: Lightning's Trainer catches SIGTERM during training and ends the
+    cell, and the worker would take the next queued cell. A grid that died while the worker was still
+    starting (before this ran) fires no signal, so the worker checks that its parent is still the grid."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 STOP_GRACE_SECONDS = 5.0
@@ -174,7 +177,8 @@ def _run_process(todo, out, plugins, jobs, on_done, **_):
 
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=die_with_parent) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         try:
             # the handlers only set a flag: the loop stops at a safe point, where no lock of the executor is
             # held (an exception raised inside one left the pool hanging)

@@ -249,7 +249,7 @@ def zoo_values(values: list) -> list[zoo.Draw]:
     """The ``zoo`` axis's values, each a ``{zoo, draws, n, threat}`` spec, as the draws they name."""
     if not all(zoo.is_spec(v) for v in values):
         raise ConfigError("axis 'zoo': every value must be a mapping {zoo: all|<family>, draws: dev|test, n: N, "
-                          "threat: fm|classic}")
+                          "threat: fm|classic|clean}")
     return [d for v in values for d in zoo.expand_spec(v)]
 
 

@@ -11,8 +11,9 @@ In a grid the axis named ``zoo`` takes ``{zoo: all | <family>, draws: dev | test
 classic | clean}`` and expands into N cells (``benchmarks.gridspec.expand``); each draw fixes the cell's seed
 (test draws 0-2, development draws 100-102, by index). The ``clean`` threat is no attack at all: the
 draw's trigger, target and seed on an attack-free run, whose ASR is the draw's *natural* ASR (how often a
-model that never saw a poisoned sample already sends triggered inputs to the target), the floor that
-no defense can be expected to go under.
+model that never saw a poisoned sample already sends triggered inputs to the target): a defense that
+gives back the clean model ends near it, and goes under it only by also suppressing the trigger's natural
+effect.
 """
 from __future__ import annotations
 

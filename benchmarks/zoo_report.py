@@ -50,12 +50,14 @@ def zoo_cells(cells: pd.DataFrame) -> pd.DataFrame:
     return done
 
 
-def _summary(frame: pd.DataFrame) -> pd.Series:
+def _summary(frame: pd.DataFrame, natural: bool) -> pd.Series:
+    """One row of a pass-rate table; with ``natural`` (the grid holds clean cells), also how many biting
+    draws have a measured natural ASR, how many of them are reachable, and the pass rate over those."""
     biting = frame[frame["bites"]]
     reachable = {}
-    if biting["natural_asr"].notna().any():  # the grid holds the draws' clean cells
+    if natural:
         ok = biting[biting["reachable"]]
-        reachable = {"reachable": len(ok),
+        reachable = {"natural ASR measured": int(biting["natural_asr"].notna().sum()), "reachable": len(ok),
                      "pass rate, reachable (%)": round(100 * ok["passes"].mean(), 1) if len(ok) else float("nan")}
     return pd.Series({
         "draws": len(frame),
@@ -77,11 +79,13 @@ def zoo_tables(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
     if done.empty:
         return {}
     order = list(dict.fromkeys(done[DEFENSE_AXIS]))
+    natural = bool(done["natural_asr"].notna().any())
 
     def by(keys: list[str]) -> pd.DataFrame:
-        table = done.groupby([DEFENSE_AXIS] + keys, sort=False).apply(_summary, include_groups=False).reset_index()
+        table = done.groupby([DEFENSE_AXIS] + keys, sort=False).apply(
+            _summary, natural=natural, include_groups=False).reset_index()
         table[DEFENSE_AXIS] = pd.Categorical(table[DEFENSE_AXIS], order, ordered=True)
-        counts = {c: int for c in ("draws", "bite", "reachable") if c in table}
+        counts = {c: int for c in ("draws", "bite", "natural ASR measured", "reachable") if c in table}
         return table.sort_values([DEFENSE_AXIS] + keys).astype(counts)
 
     undefended = done[done["defense_name"] == "none"]

@@ -204,10 +204,11 @@ def test_a_misspelt_rule_key_under_a_known_section_is_refused(tmp_path):
 def test_a_worker_dies_with_its_grid_even_on_sigkill(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
-        "import time\nfrom concurrent.futures import ProcessPoolExecutor\nimport multiprocessing\n"
+        "import os\nimport time\nfrom concurrent.futures import ProcessPoolExecutor\nimport multiprocessing\n"
         "from benchmarks.grid import die_with_parent\n"
         "if __name__ == '__main__':\n"
-        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=die_with_parent)\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=die_with_parent,\n"
+        "                               initargs=(os.getpid(),))\n"
         "    pool.submit(time.sleep, 600)\n    time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     deadline = time.time() + 60
@@ -221,10 +222,17 @@ def test_a_worker_dies_with_its_grid_even_on_sigkill(tmp_path):
     assert workers and all(alive(w) for w in workers)  # the worker started and sleeps
     parent.kill()
     parent.wait()
-    deadline = time.time() + 30
+    deadline = time.time() + 60  # a worker still importing when its grid died exits once it gets to run
     while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.5)
     assert not any(alive(w) for w in workers)
+
+
+def test_a_worker_whose_grid_died_before_it_started_exits():
+    code = "from benchmarks.grid import die_with_parent\ndie_with_parent(1)\nprint('computing')"  # 1: not its parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert done.returncode == 1 and "computing" not in done.stdout
 
 
 def test_an_edited_dataset_sidecar_is_not_believed(tiny_config, tiny_root, tmp_path, capsys):

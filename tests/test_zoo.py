@@ -140,15 +140,27 @@ def test_natural_asr_comes_from_the_draws_clean_cell_and_marks_unreachable_draws
             {**_cell("c1", "none", 2, 61, "c1", attack="none"), "zoo": "dev000-patch-clean"},
             {**_cell("u2", "none", 95, 60, "u2"), "zoo": "dev001-blend-fm"},
             {**_cell("d2", "x", 25, 60, "u2"), "zoo": "dev001-blend-fm"},
-            {**_cell("c2", "none", 30, 61, "c2", attack="none"), "zoo": "dev001-blend-clean"}]
+            {**_cell("c2", "none", 30, 61, "c2", attack="none"), "zoo": "dev001-blend-clean"},
+            {**_cell("u3", "none", 80, 60, "u3", attack="scaling"), "zoo": "dev002-warp-classic"},  # no clean cell
+            {**_cell("d3", "x", 5, 60, "u3", attack="scaling"), "zoo": "dev002-warp-classic"}]
     cells = pd.DataFrame(rows)
     cells["acc_drop_vs_undefended"] = cells["undefended_key"].map(cells.set_index("key")["acc"]) - cells["acc"]
     done = zoo_cells(cells).set_index("key")
     assert "c1" not in done.index and "c2" not in done.index  # a clean cell is no attack of the zoo
-    assert done["natural_asr"].to_dict() == {"u1": 2, "d1": 2, "u2": 30, "d2": 30}
+    assert done["natural_asr"].dropna().to_dict() == {"u1": 2, "d1": 2, "u2": 30, "d2": 30}
     assert done.loc["d1", "reachable"] and not done.loc["d2", "reachable"] and not done.loc["d2", "passes"]
     table = next(iter(zoo_tables(cells).values())).set_index(["defense", "threat"])
     assert table.loc[("x", "fm"), "reachable"] == 1 and table.loc[("x", "fm"), "pass rate, reachable (%)"] == 100.0
-    assert table.loc[("x", "fm"), "pass rate (%)"] == 50.0
+    assert table.loc[("x", "fm"), "pass rate (%)"] == 50.0 and table.loc[("x", "fm"), "natural ASR measured"] == 2
+    assert table.loc[("x", "classic"), "natural ASR measured"] == 0 and table.loc[("x", "classic"), "reachable"] == 0
     draws = zoo_tables(cells)["Zoo: every undefended draw, its parameters and its ASR"]
-    assert draws.set_index("draw")["natural ASR"].to_dict() == {"dev000-patch-fm": 2, "dev001-blend-fm": 30}
+    assert draws.set_index("draw")["natural ASR"].dropna().to_dict() == {"dev000-patch-fm": 2, "dev001-blend-fm": 30}
+
+
+@pytest.mark.parametrize("script", ["dev.round_trace", "dev.vouch_diagnostic"])
+def test_the_development_diagnostics_refuse_a_test_draw(script, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).main(["--draw", "test000-blend-fm"])
+    assert stop.value.code == 2 and "development draws only" in capsys.readouterr().err
