@@ -18,20 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--defense", default="vouch(scope=outliers)", help="a defense label of the zoo_dev preset")
     parser.add_argument("--clean", action="store_true",
-                        help="no attack: the draw's trigger and target on a clean run (its natural ASR)")
+                        help="the draw's clean twin: its trigger and target, no attack, no defense (its natural ASR)")
     args = parser.parse_args(argv)
-    if not args.draw.startswith("dev"):
-        parser.error("development draws only (dev...)")
-    from benchmarks.gridspec import expand, load_grid, resolve_grid_path
+    from dev.zoo_cell import development_cell
+
+    if args.clean:  # the zoo's clean draw of the same index, which runs undefended only
+        cfg = development_cell(parser, args.draw.rsplit("-", 1)[0] + "-clean", args.dataset, "none")
+    else:
+        cfg = development_cell(parser, args.draw, args.dataset, args.defense)
     from fl_core import fl
     from fl_core.metrics import evaluate
 
-    only = (f"zoo={args.draw}", f"data.dataset={args.dataset}", f"defense={args.defense}")
-    [cell] = expand(load_grid(resolve_grid_path("zoo_dev", None)), "cpu", (), only)
-
-    cfg = cell.config
-    if args.clean:
-        cfg.attack.name, cfg.attack.params = "none", {}
     print(f"attack {cfg.attack.name} {cfg.attack.params}, backdoor {cfg.backdoor}, defense {cfg.defense.name} {cfg.defense.params}")
 
     def score(run, model) -> str:

@@ -25,16 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", help="also save the judge's view (labels, ensemble probabilities, poisoned mask, "
                                        "target) to this file, for offline analysis of the vouching rules")
     args = parser.parse_args(argv)
-    if not args.draw.startswith("dev"):
-        parser.error("development draws only (dev...)")
-    from benchmarks.gridspec import expand, load_grid, resolve_grid_path
+    from dev.zoo_cell import development_cell
+
+    cfg = development_cell(parser, args.draw, args.dataset, "vouch", tuple(args.overrides))
     import defenses.vouch as vouch
     from fl_core.fl import run_cell
     from fl_core.metrics import logits
 
-    only = (f"zoo={args.draw}", f"data.dataset={args.dataset}", "defense=vouch")
-    [cell] = expand(load_grid(resolve_grid_path("zoo_dev", None)), "cpu", tuple(args.overrides), only)
-    cfg = cell.config
     import yaml
 
     cfg.defense.params.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)})
