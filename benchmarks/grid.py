@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -362,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             text = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
             print(f"  {cell.key}  {status:8s} ~{estimate_seconds(cell.config):5.0f} s  {text}")
         return 0
-    command = "python -m benchmarks.grid " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command.strip(),
+    command = shlex.join(["python", "-m", "benchmarks.grid", *(argv if argv is not None else sys.argv[1:])])
+    write_manifest(out, spec, args.scale, cells, tuple(args.overrides), command,
                    functools.cache(lambda: whole_grid_labels(spec, args.scale, tuple(overrides))))
     started = time.time()
     try:

@@ -7,6 +7,7 @@ threads) is not, so the same cell run on another machine keeps its key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -368,9 +369,15 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if dataclasses.is_dataclass(data):
         data = dataclasses.asdict(data)
     try:
-        return TypeAdapter(cls).validate_python(data)
+        return _adapter(cls).validate_python(data)
     except ValidationError as err:
         raise _explain(cls, err, where) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(cls: type) -> TypeAdapter:
+    """One pydantic validator per config type (building it costs far more than a validation)."""
+    return TypeAdapter(cls)
 
 
 def config_schema() -> dict:
@@ -411,7 +418,7 @@ def check_param_types(cls: type, params: dict[str, Any], where: str) -> dict[str
         if scalar is None or (optional and value is None):
             continue
         try:
-            checked[name] = TypeAdapter(scalar).validate_python(value)
+            checked[name] = _adapter(scalar).validate_python(value)
         except ValidationError as err:
             raise ConfigError(f"{where}.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}, "
                               f"got {value!r}") from None

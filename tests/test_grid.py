@@ -1,4 +1,5 @@
 import json
+import shlex
 from pathlib import Path
 
 import pandas as pd
@@ -209,9 +210,11 @@ def test_only_subsets_accumulate_in_one_folder_with_their_commands(tiny_root, tm
     path, out = _write(tmp_path, spec), tmp_path / "out"
     for name in ("none", "fm", "none"):  # the repeated command is listed once
         assert main(["--config", str(path), "--out", str(out), "--only", f"attack.name={name}", "--no-report"]) == 0
+    assert main(["--config", str(path), "--out", str(out), "--only", "attack.name=none|fm", "--no-report"]) == 0
     manifest = json.loads((out / "grid.json").read_text())
     assert sorted(c["labels"]["attack.name"] for c in manifest["cells"]) == ["fm", "none"]
-    assert [c.split("--only ")[-1].split()[0] for c in manifest["commands"]] == ["attack.name=fm", "attack.name=none"]
+    only = [shlex.split(c)[-2] for c in manifest["commands"]]  # recorded as a shell would read them back
+    assert only == ["attack.name=fm", "attack.name=none", "attack.name=none|fm"]
     write_report(out)
     tables = (out / "tables.md").read_text()
     assert "Commands (" in tables and tables.count("attack.name=") >= 2

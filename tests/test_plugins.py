@@ -66,10 +66,12 @@ def test_cli_rejects_bad_config_before_compute(capsys):
     assert "could not be imported" in capsys.readouterr().err
 
 
-def test_entry_point_plugins_load_only_when_named(monkeypatch, examples_on_path):
+def test_entry_point_plugins_load_only_when_named(monkeypatch, examples_on_path, request):
     ep = EntryPoint(name="clip-ep", value="clip_defense:ClipUpdates", group="fmfl.defenses")
     monkeypatch.setattr(registry, "entry_points", lambda group, name=None: [
         e for e in [ep] if e.group == group and (name is None or e.name == name)])
+    registry.plugin_entry_points.cache_clear()  # read once per process: read the patched ones
+    request.addfinalizer(registry.plugin_entry_points.cache_clear)
     sys.modules.pop("clip_defense", None)
     assert "clip-ep" in defenses.DEFENSES.names()
     assert "clip_defense" not in sys.modules  # listing names imports nothing
