@@ -101,7 +101,7 @@ class Registry(Generic[T]):
                     self.check_entry(name, loaded)
                 self._entries[name] = loaded
         if name not in self._entries:
-            hint = "" if entry_points(group=BUILTINS_GROUP) else (
+            hint = "" if plugin_entry_points(BUILTINS_GROUP) else (
                 " (no built-in plugins are installed: run `pip install -e .` in the repository)")
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}{hint}")
         return self._entries[name]

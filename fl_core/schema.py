@@ -382,7 +382,7 @@ def _adapter(cls: type) -> TypeAdapter:
 
 def config_schema() -> dict:
     """JSON Schema of a cell config (for editors and the docs): ``python -m benchmarks.run --schema``."""
-    return TypeAdapter(CellConfig).json_schema()
+    return _adapter(CellConfig).json_schema()
 
 
 

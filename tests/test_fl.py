@@ -115,6 +115,7 @@ def test_two_round_smoke_run_writes_a_record(tiny_config, tmp_path):
     assert record["metrics"]["acc"] > 40  # 4 tinted classes: chance is 25
     assert record["versions"]["torch"] == torch.__version__
     assert record["versions"]["cpu"] and record["versions"]["cpu"] == cpu_model()  # numbers differ across models
+    assert cpu_model().endswith(f"({torch.backends.cpu.get_cpu_capability()})")  # and across kernels of one model
 
 
 def test_cells_are_scored_on_a_seeded_stratified_test_subset(tiny_config):
