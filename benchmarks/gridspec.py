@@ -215,7 +215,7 @@ def expand(spec: GridSpec, scale: str = "cpu", overrides: tuple[str, ...] = (), 
                 _set(data, axis, {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value)
         draw = combo.get(zoo.AXIS)
         if draw is not None:  # a zoo draw sets several sections, after the other axes
-            data = deep_merge(data, json.loads(json.dumps(draw.overrides)))
+            data = deep_merge(data, draw.overrides)
         for item in overrides:
             apply_override(data, item)
         if draw is not None and not zoo.allowed(draw, data):

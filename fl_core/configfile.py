@@ -3,6 +3,7 @@ no octal or sexagesimal surprises), a key given twice in one mapping refused, em
 refused, ``--set`` overrides that merge into a section as grid axes do and may name a key once."""
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -79,13 +80,14 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def deep_merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge; values of ``update`` win."""
-    out = dict(base)
+    """Recursive dict merge; values of ``update`` win. The result shares no dict or list with either input,
+    so editing it in place (as overrides and grid axes do) never changes a caller's preset or constant."""
+    out = copy.deepcopy(base)
     for k, v in update.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
 
 

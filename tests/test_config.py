@@ -4,6 +4,7 @@ import json
 import pytest
 
 from fl_core.config import load_config
+from fl_core.configfile import deep_merge
 from fl_core.schema import UNUSED_PROVIDER_KEY, ConfigError
 
 
@@ -131,3 +132,15 @@ def test_plugin_parameters_are_type_checked_before_compute(override, key):
     assert load_config(None, ["attack.name=badnets", "attack.params.poison_rate=1"]).attack.params["poison_rate"] == 1
     # numeric text (YAML 1.1 reads 1e-1 as a string) is a number
     assert load_config(None, ["attack.name=badnets", "attack.params.poison_rate='0.5'"]).attack.params["poison_rate"] == 0.5
+
+
+def test_a_merged_config_shares_nothing_with_its_inputs():
+    base = {"fl": {"setting": "custom", "client": {"lr": 0.1}}, "axes": [1, 2]}
+    update = {"fl": {"rounds": 2}, "model": {"prototypes": [{"name": "cnn"}]}}
+    merged = deep_merge(base, update)
+    merged["fl"]["setting"] = "cross-silo"  # an override or a grid axis edits the result in place
+    merged["fl"]["client"]["lr"] = 1.0
+    merged["axes"].append(3)
+    merged["model"]["prototypes"][0]["name"] = "resnet"
+    assert base == {"fl": {"setting": "custom", "client": {"lr": 0.1}}, "axes": [1, 2]}
+    assert update == {"fl": {"rounds": 2}, "model": {"prototypes": [{"name": "cnn"}]}}
