@@ -8,10 +8,11 @@ from a model that never saw an FM label is not. The defense therefore
 1. discards the server's pre-training before round 1 is broadcast, and keeps every FM label out of
    fusion (pure distillation from the clients) until round ``vouch_round``;
 2. in that round, keeps (vouches for) the synthetic samples whose FM label is the top class of the
-   clients' ensemble (with ``scope: outliers``, only in the classes where rejected labels pile up;
-   the labels of every other class are kept), and from then on gives CE weight only to the kept
-   samples (the others are still distilled on, towards the clients' ensemble, which unlearns what
-   their labels would teach);
+   clients' ensemble: every client of the round, whatever its prototype (the ensemble fusion distils
+   from), so every prototype's model gets one judgement. With ``scope: outliers`` only the classes
+   where rejected labels pile up need the vouch; the labels of every other class are kept. From then
+   on only the kept samples get CE weight (the others are still distilled on, towards the clients'
+   ensemble, which unlearns what their labels would teach);
 3. trains the fused model on the vouched samples with the server's pre-training recipe (the
    pre-training step 1 postponed), under FedDF and FedAvg alike;
 4. with ``clip``, bounds every client update by the median update norm of its round and prototype,
@@ -156,6 +157,8 @@ class ClientVouching(Defense):
         self.scope, self.correct, self.distil = scope, correct, distil
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
+        self._judges: list[tuple] = []  # the vouching round's (client model, weight), every prototype's
+        self._judgement: tuple | None = None  # what ``judge`` decided in the vouching round
 
     def check(self, cfg) -> None:
         if cfg.fl.rounds < self.vouch_round:
@@ -176,37 +179,57 @@ class ClientVouching(Defense):
         if self.clip and len(agg.updates) > 1:
             ctx.report(norms=clip_to_median(agg, global_model))
         if ctx.round == self.vouch_round and ctx.synthetic is not None:
-            data = ctx.synthetic
-            rank, probs = label_rank([u.model for u in agg.updates], data.images, data.labels, ctx.device, agg.weights)
-            proto = agg.updates[0].prototype
-            vouched = rank < self.top_k
-            if self.scope != "all":
-                suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus",
-                                          judged=probs.argmax(1) if self.scope in ("pairs", "asymmetric") else None,
-                                          asymmetric=self.scope == "asymmetric")
-                in_suspect = suspect[data.labels.cpu()]
-                vouched |= ~in_suspect
-                if self.distil:
-                    vouched &= ~in_suspect
-                    idx = in_suspect.nonzero().flatten()
-                    self._relabelled[proto] = idx, probs[idx]
-                elif self.correct:
-                    idx = (~vouched).nonzero().flatten()
-                    self._relabelled[proto] = idx, F.one_hot(probs[idx].argmax(1), ctx.num_classes).float()
-                ctx.report(suspect_classes=suspect.nonzero().flatten().tolist())
-            self._vouched[proto] = vouched
-            ctx.report(vouched=int(vouched.sum()),
-                       flagged_synthetic=(~self._vouched[proto]).nonzero().flatten().tolist())
+            self._judges += [(u.model, w) for u, w in zip(agg.updates, agg.weights)]
         return agg
 
+    def vouch(self, prototype: int, ctx) -> torch.Tensor | None:
+        """The vouching round's mask over ``ctx.synthetic`` (True: the FM label is kept), judged once by the
+        ensemble of every client of the round, all prototypes together (the ensemble fusion distils from):
+        every prototype's model gets the same judgement; None outside the vouching round's judgement."""
+        if self._judges:
+            models, weights = zip(*self._judges)
+            self._judges = []
+            self._judgement = self.judge(list(models), torch.stack(list(weights)), ctx)
+        if self._judgement is None or ctx.round != self.vouch_round:
+            return self._vouched.get(prototype)
+        vouched, relabelled, report = self._judgement
+        if prototype not in self._vouched:
+            self._vouched[prototype] = vouched
+            if relabelled is not None:
+                self._relabelled[prototype] = relabelled
+            ctx.report(**report)
+        return vouched
+
+    def judge(self, models: list, weights: torch.Tensor, ctx) -> tuple:
+        """(kept mask, relabelled samples or None, decisions to report) of the clients' ensemble ``models``."""
+        data = ctx.synthetic
+        rank, probs = label_rank(models, data.images, data.labels, ctx.device, weights)
+        vouched, relabelled, report = rank < self.top_k, None, {}
+        if self.scope != "all":
+            suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus",
+                                      judged=probs.argmax(1) if self.scope in ("pairs", "asymmetric") else None,
+                                      asymmetric=self.scope == "asymmetric")
+            in_suspect = suspect[data.labels.cpu()]
+            vouched |= ~in_suspect
+            if self.distil:
+                vouched &= ~in_suspect
+                idx = in_suspect.nonzero().flatten()
+                relabelled = idx, probs[idx]
+            elif self.correct:
+                idx = (~vouched).nonzero().flatten()
+                relabelled = idx, F.one_hot(probs[idx].argmax(1), ctx.num_classes).float()
+            report["suspect_classes"] = suspect.nonzero().flatten().tolist()
+        report.update(vouched=int(vouched.sum()), flagged_synthetic=(~vouched).nonzero().flatten().tolist())
+        return vouched, relabelled, report
+
     def on_fusion(self, plan, global_model, ctx):
-        vouched = self._vouched.get(plan.prototype)
+        vouched = self.vouch(plan.prototype, ctx)
         weight = torch.zeros(len(plan.keep)) if vouched is None else vouched.float()
         plan.label_weight = weight if plan.label_weight is None else plan.label_weight * weight
         return plan
 
     def after_round(self, global_model, prototype, ctx):
-        vouched = self._vouched.get(prototype)
+        vouched = self.vouch(prototype, ctx)
         if (ctx.round != self.vouch_round or not self.retrain or vouched is None
                 or not (vouched.any() or prototype in self._relabelled)):
             return global_model

@@ -165,12 +165,28 @@ def test_vouch_keeps_labels_out_until_clean_start_clients_vouch_for_them():
     plan = defense.on_fusion(FusionPlan(0, clients, torch.ones(3), keep), received, ctx)
     assert plan.label_weight.eq(0).all()  # nothing vouched yet: pure distillation
     defense.aggregate(Aggregation(clients, torch.ones(3)), received, ctx)
-    assert torch.equal(torch.tensor(ctx.decisions["flagged_synthetic"]), truth.nonzero().flatten())
     plan = defense.on_fusion(FusionPlan(0, clients, torch.ones(3), keep.clone()), received, ctx)
+    assert torch.equal(torch.tensor(ctx.decisions["flagged_synthetic"]), truth.nonzero().flatten())
     assert plan.label_weight[truth].eq(0).all() and plan.label_weight[~truth].eq(1).all()
     assert DEFENSES.get("vouch")(top_k=2).top_k == 2
     with pytest.raises(ValueError, match="restart"):
         DEFENSES.get("vouch")(restart="half")
+
+
+def test_vouch_judges_with_every_client_of_the_round_whatever_its_prototype():
+    from fl_core.hooks import Aggregation, ClientUpdate
+
+    data, truth = poisoned_set()
+    received = PatchReader([5.0, 0.0], [5.0, 0.0])
+    fooled = [ClientUpdate(0, 0, 10, PatchReader([5.0, 0.0], [5.0, 0.0]))]  # alone, it vouches for every label
+    clean = [ClientUpdate(i, 1, 10, PatchReader([5.0, 0.0], [0.0, 5.0])) for i in (1, 2, 3)]
+    defense, ctx = DEFENSES.get("vouch")(clip=False, retrain=False), ctx_for(data)
+    defense.aggregate(Aggregation(fooled, torch.ones(1)), received, ctx)
+    defense.aggregate(Aggregation(clean, torch.ones(3)), received, ctx)
+    for p in (0, 1):  # one judgement, by the four clients' ensemble, for both prototypes
+        plan = defense.on_fusion(FusionPlan(p, fooled + clean, torch.ones(4), torch.ones(len(truth), dtype=torch.bool)),
+                                 received, ctx)
+        assert plan.label_weight[truth].eq(0).all() and plan.label_weight[~truth].eq(1).all()
 
 
 def test_vouch_runs_on_heterogeneous_prototypes(tiny_config):
