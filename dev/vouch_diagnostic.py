@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     captured = {}
     original = vouch.ClientVouching.aggregate
 
-    def capture(self, agg, global_model, ctx):
+    def capture(self, agg, global_model, ctx):  # every prototype's clients, clipped: the judge is all of them
+        agg = original(self, agg, global_model, ctx)
         if ctx.round == self.vouch_round:
-            probs = torch.stack([F.softmax(logits(u.model, ctx.synthetic.images, 500, ctx.device).float(), 1)
-                                 for u in agg.updates])
-            captured.update(probs=probs.cpu(), labels=ctx.synthetic.labels.cpu())
-        return original(self, agg, global_model, ctx)
+            probs = [F.softmax(logits(u.model, ctx.synthetic.images, 500, ctx.device).float(), 1).cpu()
+                     for u in agg.updates]
+            captured.setdefault("probs", []).extend(probs)
+            captured["labels"] = ctx.synthetic.labels.cpu()
+        return agg
 
     vouch.ClientVouching.aggregate = capture
     cfg.fl.rounds = cfg.defense.params.get("vouch_round", 1)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     attack.poison_synthetic(synthetic_set(setup.synthetic_request())[0], "fusion", cfg.seed)
     poisoned = torch.zeros(len(captured["labels"]), dtype=torch.bool)
     poisoned[attack.poisoned_samples("fusion")] = True
-    probs, labels = captured["probs"], captured["labels"]
+    probs, labels = torch.stack(captured["probs"]), captured["labels"]
     mean = probs.mean(0)
     p_label = mean.gather(1, labels[:, None]).squeeze(1)
     rank = (mean > p_label[:, None]).sum(1)  # 0: the label is the ensemble's top class

@@ -453,15 +453,25 @@ class TensorBatches(torch.utils.data.IterableDataset):
         n = len(self.labels)
         return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
 
+    def _bounds(self) -> list[tuple[int, int]]:
+        """One pass's batches as (start, stop); a lone last sample joins the batch before it, as
+        BatchNorm cannot train on a batch of one."""
+        n, size = len(self.labels), self.batch_size
+        bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
+        if len(bounds) > 1 and n % size == 1:
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return bounds
+
     def __len__(self) -> int:
-        return self.steps if self.steps is not None else -(-len(self.labels) // self.batch_size)
+        return self.steps if self.steps is not None else len(self._bounds())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         emitted = 0
+        bounds = self._bounds()
         while True:
             order = self._order().to(self.images.device)
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start: start + self.batch_size]
+            for start, stop in bounds:
+                idx = order[start:stop]
                 if self.extras:
                     yield self.images[idx], self.labels[idx], {k: v[idx] for k, v in self.extras.items()}
                 else:

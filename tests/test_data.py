@@ -86,6 +86,16 @@ def test_tensor_batches_cover_each_epoch_once_and_count_steps():
     assert len(stepped) == 7
 
 
+def test_a_lone_last_sample_joins_the_batch_before_it():
+    """BatchNorm cannot train on a batch of one: 9 samples in batches of 4 are batches of 4 and 5."""
+    images = torch.arange(9).view(9, 1, 1, 1).to(torch.uint8)
+    batches = TensorBatches(images, torch.arange(9), batch_size=4, seed=0)
+    assert len(batches) == 2 and [len(y) for _, y in batches] == [4, 5]
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(9))
+    assert [len(y) for _, y in TensorBatches(images, torch.arange(9), batch_size=4, seed=0, steps=3)] == [4, 5, 4]
+    assert [len(y) for _, y in TensorBatches(images[:1], torch.arange(1), batch_size=4, seed=0)] == [1]
+
+
 def test_imagefolder_is_decoded_once_into_a_tensor_cache(tiny_root, tmp_path):
     ds = load_dataset("tiny", tiny_root, tmp_path / "cache")
     assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape == (160, 3, 16, 16)
