@@ -117,7 +117,8 @@ class FrequencyTrigger:
 class QuantisationTrigger:
     """BppAttack (Wang et al. 2022): every channel squeezed to ``bits`` bits of colour depth, with
     Floyd-Steinberg error diffusion (``dither: floyd``, the paper's) or none; sample-specific and nearly
-    invisible (the paper: 5 bits on CIFAR-10). Diffusion runs pixel by pixel over the whole batch at once."""
+    invisible (the paper: 5 bits on CIFAR-10). Diffusion runs over the whole batch at once, one front of
+    pixels at a time (:func:`diffusion_fronts`)."""
 
     def __init__(self, bits: int = 5, dither: str = "floyd"):
         if not 1 <= bits <= 7:
@@ -136,18 +137,32 @@ class QuantisationTrigger:
         if self.dither == "none":
             return _to_uint8(quantise(x))
         h, w = x.shape[2:]
-        x = F.pad(x, (1, 1, 0, 1))  # room for the diffusion at the borders (cropped below)
-        for i in range(h):
-            for j in range(1, w + 1):
-                old = x[:, :, i, j]
-                new = quantise(old)
-                err = old - new
-                x[:, :, i, j] = new
-                x[:, :, i, j + 1] += err * (7 / 16)
-                x[:, :, i + 1, j - 1] += err * (3 / 16)
-                x[:, :, i + 1, j] += err * (5 / 16)
-                x[:, :, i + 1, j + 1] += err * (1 / 16)
-        return _to_uint8(x[:, :, :h, 1: w + 1])
+        # pixel-major (H, W, N, C), with room for the diffusion at the borders (cropped below): a front's
+        # pixels are then whole contiguous blocks of the batch
+        x = F.pad(x, (1, 1, 0, 1)).permute(2, 3, 0, 1).contiguous()
+        for i, j in diffusion_fronts(h, w):
+            old = x[i, j]
+            new = quantise(old)
+            err = old - new
+            x[i, j] = new
+            # a pixel's four shares arrive in raster order: from up-left, up, up-right, then left (the
+            # last two in the same front), so every sum is the one a pixel-by-pixel pass makes
+            x[i + 1, j - 1] += err * (3 / 16)
+            x[i, j + 1] += err * (7 / 16)
+            x[i + 1, j] += err * (5 / 16)
+            x[i + 1, j + 1] += err * (1 / 16)
+        return _to_uint8(x[:h, 1: w + 1].permute(2, 3, 0, 1).contiguous())
+
+
+def diffusion_fronts(h: int, w: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Floyd-Steinberg's pixels (row i, padded column j = 1..w) in fronts that can be quantised at once:
+    pixel (i, j) waits for (i, j - 1) and (i - 1, j + 1), so front t holds the pixels with j + 2 i = t."""
+    rows = torch.arange(h)
+    fronts = []
+    for t in range(1, w + 2 * (h - 1) + 1):
+        i = rows[(t - 2 * rows >= 1) & (t - 2 * rows <= w)]
+        fronts.append((i, t - 2 * i))
+    return fronts
 
 
 @TRIGGERS.register("refool")

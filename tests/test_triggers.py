@@ -128,6 +128,31 @@ def test_bpp_quantises_to_its_colour_depth_with_mean_preserving_dither():
         QuantisationTrigger(bits=8)
 
 
+def _floyd_steinberg_pixel_by_pixel(images: torch.Tensor, bits: int) -> torch.Tensor:
+    """The textbook raster-order error diffusion, one pixel at a time: the reference for the fronts."""
+    step = 255 / (2 ** bits - 1)
+    x = torch.nn.functional.pad(images.float(), (1, 1, 0, 1))
+    h, w = images.shape[2:]
+    for i in range(h):
+        for j in range(1, w + 1):
+            old = x[:, :, i, j].clone()
+            x[:, :, i, j] = ((old / step).round() * step).clamp(0, 255)
+            err = old - x[:, :, i, j]
+            x[:, :, i, j + 1] += err * (7 / 16)
+            x[:, :, i + 1, j - 1] += err * (3 / 16)
+            x[:, :, i + 1, j] += err * (5 / 16)
+            x[:, :, i + 1, j + 1] += err * (1 / 16)
+    return x[:, :, :h, 1: w + 1].round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (3, 5, 9), (1, 9, 2), (1, 1, 7)])
+def test_bpp_dithering_by_fronts_is_bit_for_bit_the_pixel_by_pixel_pass(shape):
+    x = torch.randint(0, 256, (3, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    for bits in (3, 5):
+        out = QuantisationTrigger(bits=bits).apply(x)
+        assert out.is_contiguous() and torch.equal(out, _floyd_steinberg_pixel_by_pixel(x, bits))
+
+
 def test_refool_reflects_seeded_images_of_the_bound_pool():
     pool, x = _images(n=20, seed=1), _images(seed=2)
     trig = ReflectionTrigger(alpha=0.3, sigma=1.0, shift=2, pool_size=4, pool_seed=5)
