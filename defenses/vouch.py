@@ -183,9 +183,10 @@ class ClientVouching(Defense):
         return agg
 
     def vouch(self, prototype: int, ctx) -> torch.Tensor | None:
-        """The vouching round's mask over ``ctx.synthetic`` (True: the FM label is kept), judged once by the
-        ensemble of every client of the round, all prototypes together (the ensemble fusion distils from):
-        every prototype's model gets the same judgement; None outside the vouching round's judgement."""
+        """The mask over ``ctx.synthetic`` (True: the FM label is kept) from the vouching round on, None
+        before it. It is judged once, on the first call after the vouching round's aggregations, by the
+        ensemble of every client of the round, all prototypes together (the ensemble fusion distils from),
+        and every prototype's model gets that judgement."""
         if self._judges:
             models, weights = zip(*self._judges)
             self._judges = []
