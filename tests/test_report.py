@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.plots import DPI, PANEL_SIZE
-from benchmarks.report import headline, main, write_report
+from benchmarks.report import cost_table, headline, main, write_report
 from benchmarks.results import load_results
 from fl_core.schema import CellConfig, from_dict
 
@@ -105,3 +105,22 @@ def test_many_settings_wrap_into_rows_of_at_most_six_panels(tmp_path):
         width, height = Image.open(folder / name).size
         assert width <= 2600 and height <= 2600, (name, width, height)
     assert Image.open(folder / "tradeoff.png").size[1] >= 3.5 * PANEL_SIZE[1] * DPI  # wrapped, not one strip
+
+
+def test_cost_table_sets_defense_time_against_local_training(tmp_path):
+    folder = fake_grid(tmp_path, ["fm"], ["none", "slow", "cheap"], [0], rounds=2)
+    timings = {"none": [(0.0, 10.0), (0.0, 10.0)], "slow": [(15.0, 0.0), (1.0, 10.0)],  # round 1 cached: 0 s local
+               "cheap": [(2.0, 10.0), (0.0, 10.0)]}
+    for record_file in folder.glob("cells/*/record.json"):
+        record = json.loads(record_file.read_text())
+        for r, (defense_s, local_s) in zip(record["rounds"][1:], timings[record["config"]["defense"]["name"]]):
+            r.update(defense_seconds=defense_s, local_seconds=local_s)
+        record_file.write_text(json.dumps(record))
+    cells, rounds, grid = load_results(folder)
+    table = cost_table(cells, rounds, grid["axes"]).set_index("defense.name")
+    assert "none" not in table.index
+    assert table.loc["slow", "busiest round: median"] == "1.50 (max 1.50; 1 above 1)"  # 15 s / the undefended 10 s
+    assert table.loc["slow", "all rounds: median"] == "0.80 (max 0.80; 0 above 1)"  # 16 s / 20 s
+    assert table.loc["cheap", "busiest round: median"] == "0.20 (max 0.20; 0 above 1)"
+    write_report(folder)
+    assert "## Defense cost" in (folder / "tables.md").read_text()
