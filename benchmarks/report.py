@@ -102,21 +102,21 @@ def cost_table(cells: pd.DataFrame, rounds: pd.DataFrame, axes: list[str]) -> pd
     """Per defense, its own time against the clients' local training time of the same round, over its
     cells (rounds 1 on): in the round where it works most, and over all rounds (total defense time / total
     local time). Median and maximum over cells, and how many cells exceed 1 (more defense than training).
-    A round whose client training came from the stage cache (0 s) is set against the undefended cell's."""
+    A round whose client training came from the stage cache (0 s) is set against the undefended cell's;
+    a round with no local time either way is left out."""
     defense = _role(axes, "defense")
     needed = {"round", "defense_seconds", "local_seconds"}
     if defense is None or rounds.empty or not needed <= set(rounds):
         return pd.DataFrame()
+    by_key = cells.set_index("key")
     timed = rounds[(rounds["round"] > 0) & rounds["local_seconds"].notna()]
     own = timed.set_index(["key", "round"])["local_seconds"]
-    twin = pd.MultiIndex.from_arrays([timed["key"].map(cells.set_index("key")["undefended_key"]), timed["round"]])
-    local = own.where(own.to_numpy() > 0, own.reindex(twin).to_numpy())
-    timed = timed.assign(local=local.to_numpy())
-    timed = timed[(timed[defense] != "none") & (timed["local"] > 0)]
+    twin = own.reindex(pd.MultiIndex.from_arrays([timed["key"].map(by_key["undefended_key"]), timed["round"]]))
+    timed = timed.assign(local=timed["local_seconds"].where(timed["local_seconds"] > 0, twin.to_numpy()))
+    timed = timed[(timed["key"].map(by_key["defense_name"]) != "none") & (timed["local"] > 0)]
     if timed.empty:
         return pd.DataFrame()
-    timed = timed.assign(ratio=timed["defense_seconds"] / timed["local"])
-    per_cell = timed.groupby([defense, "key"], sort=False).agg(
+    per_cell = timed.assign(ratio=timed["defense_seconds"] / timed["local"]).groupby([defense, "key"], sort=False).agg(
         busiest=("ratio", "max"), spent=("defense_seconds", "sum"), local=("local", "sum")).reset_index()
     per_cell["overall"] = per_cell["spent"] / per_cell["local"]
 
@@ -192,7 +192,8 @@ def write_report(out: str | Path) -> list[Path]:
               **({} if zoo_axis else paper_tables(cells, axes)),
               "Pre-trained model (round 0; attack-free ACC = classification accuracy score of the synthetic set)":
                   pretrained_table(rounds, axes),
-              "Defense cost: the defense's time / the clients' local training time, per round": cost_table(cells, rounds, axes)}
+              "Defense cost: the defense's time / the clients' local training time, per round":
+                  cost_table(cells, rounds, axes)}
     for title, table in tables.items():
         if table.empty:
             continue
