@@ -14,9 +14,12 @@ from a model that never saw an FM label is not. The defense therefore
    on only the kept samples get CE weight (the others are still distilled on, towards the clients'
    ensemble, which unlearns what their labels would teach);
 3. trains the fused model on the vouched samples with the server's pre-training recipe (the
-   pre-training step 1 postponed), under FedDF and FedAvg alike;
+   pre-training step 1 postponed), under FedDF and FedAvg alike; with ``fresh``, from a fresh
+   initialisation, so that nothing the vouching round's clients sent stays in the model;
 4. with ``clip``, bounds every client update by the median update norm of its round and prototype,
-   so that no client weighs more than a typical one (boosted updates lose their boost).
+   so that no client weighs more than a typical one (boosted updates lose their boost); with ``trust``
+   instead, weighs the updates by FLTrust's rule against the server's own update on the samples it
+   trusts (the vouched ones once judged).
 
 Nothing in it looks at pixels or at a trigger: it reads whether a label is supported by models that
 learned from clean data only, which every relabelling backdoor breaks alike.
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from defenses import DEFENSES, Defense
 from defenses._synthetic import head, reinitialise
+from defenses.fltrust import root_update, trust_aggregate
 from fl_core.data import batch_loader
 from fl_core.hooks import Aggregation
 from fl_core.metrics import logits
@@ -113,7 +117,15 @@ class ClientVouching(Defense):
       fewer rounds that profit from the vouched labels.
     - ``retrain`` (True): train the fused model on the vouched samples after the vouching round (the
       postponed pre-training); False: the vouched labels act through fusion's CE term only.
+    - ``fresh`` (False): the retraining starts from a fresh initialisation instead of the fused model: the
+      vouching round's clients only judge, and what a malicious one taught the model in that round (from
+      a restarted model every update points alike) is dropped with it.
     - ``clip`` (True): clip client updates to the round's median norm before aggregation.
+    - ``trust`` (False): instead of the clip (set ``clip: false``), weigh client updates by FLTrust's rule
+      (Cao et al. 2021): trust ReLU(cos(update, g0)), every update rescaled to ||g0||, where g0 is the
+      server's own update, trained as the clients train on the synthetic samples it trusts: the vouched
+      ones once judged, every one before (with ``fresh``, no trust is weighed in the vouching round: its
+      model is dropped). A backdoor's updates share the task's direction only in part.
     - ``top_k`` (1): a label is vouched for when it is among the ensemble's ``top_k`` classes.
     - ``restart`` ("all"): what is re-initialised before round 1 (``head``: the classifier head only).
     - ``scope`` ("all"): which labels need the clients' vouch. ``outliers``: only the labels of the
@@ -136,10 +148,11 @@ class ClientVouching(Defense):
     """
 
     consumes = frozenset({"updates", "synthetic"})
-    omit_at_default = {"distil": False}  # added after the test draws' first run
+    omit_at_default = {"distil": False, "trust": False, "fresh": False}  # added after the test draws' first run
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
-                 top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False):
+                 top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False,
+                 trust: bool = False, fresh: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -148,7 +161,12 @@ class ClientVouching(Defense):
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if scope not in SCOPES:
             raise ValueError(f"scope {scope!r} unknown; valid: {', '.join(SCOPES)}")
+        if trust and clip:
+            raise ValueError("trust replaces the median-norm clip: set clip: false")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
+        if fresh and not retrain:
+            raise ValueError("fresh restarts the retraining: it needs retrain: true")
+        self.trust, self.fresh = trust, fresh
         for name, value in (("correct", correct), ("distil", distil)):
             if value and scope == "all":
                 raise ValueError(f"{name} needs scope outliers, pairs or surplus: it acts on the suspect classes")
@@ -178,9 +196,19 @@ class ClientVouching(Defense):
             return agg
         if self.clip and len(agg.updates) > 1:
             ctx.report(norms=clip_to_median(agg, global_model))
+        if self.trust and not (self.fresh and ctx.round <= self.vouch_round):  # fresh: no model keeps that round
+            agg = self.trust_weigh(agg, global_model, ctx)
         if ctx.round == self.vouch_round and ctx.synthetic is not None:
             self._judges += [(u.model, w) for u, w in zip(agg.updates, agg.weights)]
         return agg
+
+    def trust_weigh(self, agg, global_model, ctx):
+        """FLTrust's aggregation with the synthetic samples this prototype trusts as root data."""
+        data, vouched = ctx.synthetic, self._vouched.get(agg.updates[0].prototype)
+        keep = torch.arange(len(data.labels)) if vouched is None else vouched.nonzero().flatten()
+        keep = keep.to(data.labels.device)
+        g0 = root_update(global_model, ctx, [u.num_samples for u in agg.updates], data.images[keep], data.labels[keep])
+        return trust_aggregate(agg, global_model, ctx, g0)
 
     def vouch(self, prototype: int, ctx) -> torch.Tensor | None:
         """The mask over ``ctx.synthetic`` (True: the FM label is kept) from the vouching round on, None
@@ -242,6 +270,8 @@ class ClientVouching(Defense):
             labels = F.one_hot(labels, targets.shape[1]).float()
             keep, labels = torch.cat([keep, idx]), torch.cat([labels, targets.to(labels.device)])
         images = data.images[keep.to(data.images.device)]
+        if self.fresh:
+            reinitialise(global_model, derive_seed(ctx.seed, "vouch-fresh", prototype))
         steps = recipe.epochs * -(-len(labels) // recipe.optim.batch_size)
         if steps:
             loader = batch_loader(images, labels, recipe.optim.batch_size, derive_seed(ctx.seed, "vouch-train"),

@@ -281,3 +281,56 @@ def test_vouch_asymmetric_pairs_discount_two_way_confusions_and_flag_a_one_way_r
     judged[4 * 300: 4 * 300 + 60] = 2  # 60 of class 2's images relabelled 4 (one-to-one): one way only
     rejected = judged != labels
     assert outlier_classes(labels, rejected, 10, judged=judged, asymmetric=True).nonzero().flatten().tolist() == [4]
+
+
+def test_vouch_trust_roots_on_the_vouched_samples_once_judged(monkeypatch):
+    from fl_core.hooks import Aggregation, ClientUpdate
+    import defenses.vouch as vouch
+
+    data, truth = poisoned_set()
+    received = PatchReader([5.0, 0.0], [5.0, 0.0])
+    clients = [ClientUpdate(i, 0, 10, PatchReader([5.0, 0.0], [0.0, 5.0])) for i in range(3)]
+    roots = []
+    monkeypatch.setattr(vouch, "root_update", lambda model, ctx, sizes, images, labels: roots.append(images) or 0)
+    monkeypatch.setattr(vouch, "trust_aggregate", lambda agg, *a: agg)
+    with pytest.raises(ValueError, match="clip: false"):
+        DEFENSES.get("vouch")(trust=True)
+    defense = DEFENSES.get("vouch")(clip=False, trust=True, retrain=False)
+    defense.aggregate(Aggregation(clients, torch.ones(3)), received, ctx_for(data))  # before the judgement
+    defense.on_fusion(FusionPlan(0, clients, torch.ones(3), torch.ones(len(truth), dtype=torch.bool)), received,
+                      ctx_for(data))  # the vouching round's judgement: the patched samples are rejected
+    defense.aggregate(Aggregation(clients, torch.ones(3)), received, ctx_for(data, round_idx=2))
+    assert len(roots[0]) == len(truth) and torch.equal(roots[1], data.images[~truth])
+
+
+@pytest.mark.parametrize("fusion", ["feddf", "fedavg"])
+def test_vouch_trust_weighs_a_classic_attack_round_by_round(tiny_config, fusion):
+    cfg = tiny_config({"attack": {"name": "scaling", "params": {"num_malicious": 1, "boost": 3.0}},
+                       "defense": {"name": "vouch", "params": {"clip": False, "trust": True}},
+                       "fl": {"rounds": 2, "fusion": fusion}, "runtime": {"logger": "none"}})
+    rounds = run_cell(cfg, log=lambda *_: None)["rounds"]
+    for row in rounds[1:]:
+        trust = row["decisions"]["trust"]
+        assert len(trust) == cfg.fl.clients_per_round and all(0 <= t <= 1 for t in trust.values())
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_vouch_fresh_drops_what_the_vouching_round_taught(tiny_config, monkeypatch, fresh):
+    """With ``fresh`` the retraining (stubbed out) starts from a seeded new initialisation, whatever the
+    vouching round's clients sent, and no trust is weighed in that round; without it, from the fused model."""
+    import defenses.vouch as vouch
+    from defenses._synthetic import reinitialise
+    from fl_core.seeding import derive_seed
+
+    with pytest.raises(ValueError, match="retrain: true"):
+        DEFENSES.get("vouch")(fresh=True, retrain=False)
+    starts = []
+    monkeypatch.setattr(vouch, "fit", lambda module, *a, **k: starts.append(copy.deepcopy(module.model)))
+    cfg = tiny_config({"attack": {"name": "fm"}, "fl": {"rounds": 1}, "runtime": {"logger": "none"},
+                       "defense": {"name": "vouch", "params": {"clip": False, "trust": True, "fresh": fresh}}})
+    record = run_cell(cfg, log=lambda *_: None)
+    assert ("trust" in record["rounds"][-1]["decisions"]) != fresh
+    new = copy.deepcopy(starts[-1])
+    reinitialise(new, derive_seed(cfg.seed, "vouch-fresh", 0))
+    same = all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), starts[-1].state_dict().values()))
+    assert same == fresh
