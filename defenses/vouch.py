@@ -163,16 +163,15 @@ class ClientVouching(Defense):
             raise ValueError(f"scope {scope!r} unknown; valid: {', '.join(SCOPES)}")
         if trust and clip:
             raise ValueError("trust replaces the median-norm clip: set clip: false")
-        self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
         if fresh and not retrain:
             raise ValueError("fresh restarts the retraining: it needs retrain: true")
-        self.trust, self.fresh = trust, fresh
         for name, value in (("correct", correct), ("distil", distil)):
             if value and scope == "all":
                 raise ValueError(f"{name} needs scope outliers, pairs or surplus: it acts on the suspect classes")
         if correct and distil:
             raise ValueError("correct and distil both relabel the suspect classes: choose one")
-        self.scope, self.correct, self.distil = scope, correct, distil
+        self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
+        self.scope, self.correct, self.distil, self.trust, self.fresh = scope, correct, distil, trust, fresh
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
         self._judges: list[tuple] = []  # the vouching round's (client model, weight), every prototype's
@@ -196,7 +195,7 @@ class ClientVouching(Defense):
             return agg
         if self.clip and len(agg.updates) > 1:
             ctx.report(norms=clip_to_median(agg, global_model))
-        if self.trust and not (self.fresh and ctx.round <= self.vouch_round):  # fresh: no model keeps that round
+        if self.trust and not (self.fresh and ctx.round <= self.vouch_round):  # fresh drops these rounds' model
             agg = self.trust_weigh(agg, global_model, ctx)
         if ctx.round == self.vouch_round and ctx.synthetic is not None:
             self._judges += [(u.model, w) for u, w in zip(agg.updates, agg.weights)]
@@ -205,9 +204,10 @@ class ClientVouching(Defense):
     def trust_weigh(self, agg, global_model, ctx):
         """FLTrust's aggregation with the synthetic samples this prototype trusts as root data."""
         data, vouched = ctx.synthetic, self._vouched.get(agg.updates[0].prototype)
-        keep = torch.arange(len(data.labels)) if vouched is None else vouched.nonzero().flatten()
-        keep = keep.to(data.labels.device)
-        g0 = root_update(global_model, ctx, [u.num_samples for u in agg.updates], data.images[keep], data.labels[keep])
+        images, labels = data.images, data.labels
+        if vouched is not None:
+            images, labels = images[vouched.to(images.device)], labels[vouched.to(labels.device)]
+        g0 = root_update(global_model, ctx, [u.num_samples for u in agg.updates], images, labels)
         return trust_aggregate(agg, global_model, ctx, g0)
 
     def vouch(self, prototype: int, ctx) -> torch.Tensor | None:

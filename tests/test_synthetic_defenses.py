@@ -189,13 +189,15 @@ def test_vouch_judges_with_every_client_of_the_round_whatever_its_prototype():
         assert plan.label_weight[truth].eq(0).all() and plan.label_weight[~truth].eq(1).all()
 
 
-def test_vouch_runs_on_heterogeneous_prototypes(tiny_config):
-    cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": "vouch"}, "fl": {"rounds": 1},
+@pytest.mark.parametrize("params", [{}, {"clip": False, "trust": True}])
+def test_vouch_runs_on_heterogeneous_prototypes(tiny_config, params):
+    cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": "vouch", "params": params}, "fl": {"rounds": 1},
                        "model": {"prototypes": [{"name": "cnn", "width": 0.25}, {"name": "cnn", "width": 0.5}]},
                        "runtime": {"logger": "none"}})
     record = run_cell(cfg, log=lambda *_: None)
     decisions = record["rounds"][-1]["decisions"]
     assert all(0 < decisions[f"prototype{p}"]["vouched"] <= 20 for p in (0, 1))  # each prototype vouches itself
+    assert all(("trust" in decisions[f"prototype{p}"]) == bool(params) for p in (0, 1))  # trust weighed per prototype
 
 
 def test_vouch_outlier_classes_flags_the_class_that_collects_rejected_labels():
