@@ -1,10 +1,10 @@
 """Where does a defended cell's ASR come from, round by round?
 
 ``python -m dev.round_trace --draw dev019-blend-fm --dataset cifar10 --defense 'vouch(distil=True,scope=outliers)'``
-runs one development cell and prints, per round, the ACC / ASR of every client model after local training,
-of the aggregate (before fusion), of the fused model and of the model the round ends with (after the
-defense's ``after_round``), so that a rise of ASR can be placed in local training, aggregation, fusion or
-the defense's own retraining. Development draws only: the script refuses a test draw.
+runs one development cell and prints, per round, the ACC / ASR / target-class accuracy of every client model
+after local training, of the aggregate (before fusion), of the fused model and of the model the round ends
+with (after the defense's ``after_round``), so that a rise of ASR or a fall of the target class can be placed
+in local training, aggregation, fusion or the defense's own retraining. Development draws only: the script refuses a test draw.
 """
 from __future__ import annotations
 
@@ -27,13 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = development_cell(parser, args.draw, args.dataset, args.defense)
     from fl_core import fl
-    from fl_core.metrics import evaluate
+    from fl_core.metrics import evaluate, logits
 
     print(f"attack {cfg.attack.name} {cfg.attack.params}, backdoor {cfg.backdoor}, defense {cfg.defense.name} {cfg.defense.params}")
 
+    target = cfg.backdoor.target
+
     def score(run, model) -> str:
         m = evaluate(model, run.setup.test, run.backdoor_set, run.cfg.eval.batch_size, run.device)
-        return f"acc {m['acc']:5.1f} asr {m['asr']:5.1f}"
+        test = run.setup.test
+        of_target = test.labels == target
+        hits = logits(model, test.images[of_target], 500, run.device).argmax(1).cpu() == target
+        return f"acc {m['acc']:5.1f} asr {m['asr']:5.1f} target-class acc {100 * hits.float().mean():5.1f}"
 
     stages = {name: getattr(fl.FederatedRun, name) for name in ("aggregate", "fuse", "finish_round")}
 
