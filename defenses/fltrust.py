@@ -7,25 +7,23 @@ import torch
 from defenses import DEFENSES, Defense
 from fl_core.data import batch_loader
 from fl_core.hooks import Aggregation, ClientUpdate
-from fl_core.modules import SupervisedModule, WithoutClasses, fit
+from fl_core.modules import SupervisedModule, fit
 from fl_core.seeding import derive_seed
 from fl_core.updates import compose_state, deltas, set_delta
 
 
 def root_update(global_model, ctx, client_sizes: list[int], images: torch.Tensor, labels: torch.Tensor,
-                root_steps: int | None = None, left_out: torch.Tensor | None = None) -> torch.Tensor:
+                root_steps: int | None = None) -> torch.Tensor:
     """The server's reference update g0: a copy of the global model trained on the root data
     (``images``, ``labels``) as the clients train (their optimiser and augmentation; ``root_steps`` steps,
-    or ``local_epochs`` x the mean client's batches per epoch), the classes in ``left_out`` (bool per
-    class) left out of its output. Trainable parameters, flattened."""
+    or ``local_epochs`` x the mean client's batches per epoch). Trainable parameters, flattened."""
     training = ctx.client_training
     batch = training.optim.batch_size
     steps = root_steps or max(1, round(training.epochs * sum(math.ceil(n / batch) for n in client_sizes)
                                        / len(client_sizes)))
     server = copy.deepcopy(global_model)
     loader = batch_loader(images, labels, batch, derive_seed(ctx.seed, "fltrust", ctx.round), steps=steps)
-    trained = server if left_out is None else WithoutClasses(server, left_out)
-    fit(SupervisedModule(trained, training.optim, training.augment, derive_seed(ctx.seed, "fltrust-aug", ctx.round)),
+    fit(SupervisedModule(server, training.optim, training.augment, derive_seed(ctx.seed, "fltrust-aug", ctx.round)),
         loader, ctx.accelerator)
     return deltas([ClientUpdate(-1, 0, len(labels), server)], global_model)[0]
 

@@ -26,18 +26,17 @@ learned from clean data only, which every relabelling backdoor breaks alike.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from defenses import DEFENSES, Defense
 from defenses._synthetic import head, reinitialise
 from defenses.fltrust import root_update, trust_aggregate
-from fl_core.data import batch_loader, training_loader
+from fl_core.data import batch_loader
 from fl_core.hooks import Aggregation
 from fl_core.metrics import logits
-from fl_core.modules import FusionModule, SupervisedModule, WithoutClasses, ensemble_outputs, fit
+from fl_core.modules import MASKED_LOGIT, SupervisedModule, fit
 from fl_core.seeding import derive_seed
 from fl_core.updates import clip_rows, deltas, median, set_delta
 
@@ -110,6 +109,19 @@ def outlier_classes(labels: torch.Tensor, rejected: torch.Tensor, classes: int, 
     return suspect
 
 
+class WithoutClasses(nn.Module):
+    """``model`` with the classes in ``mask`` left out of its output: their logits are a constant far below
+    the rest, so a cross-entropy over the output neither raises nor lowers them."""
+
+    def __init__(self, model: nn.Module, mask: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mask", mask.bool(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).masked_fill(self.mask, MASKED_LOGIT)
+
+
 @DEFENSES.register("vouch")
 class ClientVouching(Defense):
     """Parameters (docs/VOUCH.md says what each was chosen on):
@@ -128,11 +140,6 @@ class ClientVouching(Defense):
       server's own update, trained as the clients train on the synthetic samples it trusts: the vouched
       ones once judged, every one before (with ``fresh``, no trust is weighed in the vouching round: its
       model is dropped). A backdoor's updates share the task's direction only in part.
-    - ``average`` (True): False: no client parameter reaches the global model; every round it keeps its
-      state through the aggregation and is distilled from the round's admitted clients (their weighted
-      ensemble) on the synthetic set, with the server's pre-training optimiser and length, the vouched FM
-      labels adding fusion's CE term. A backdoor that clean synthetic images never trigger cannot pass as
-      parameters.
     - ``top_k`` (1): a label is vouched for when it is among the ensemble's ``top_k`` classes.
     - ``restart`` ("all"): what is re-initialised before round 1 (``head``: the classifier head only).
     - ``scope`` ("all"): which labels need the clients' vouch. ``outliers``: only the labels of the
@@ -157,13 +164,6 @@ class ClientVouching(Defense):
       labels; fusion's CE term and the root data of ``trust`` keep their vouched ones (as without
       ``exclude``). The long retraining is where a few leaked labels implant a trigger; fusion's short step,
       mostly distillation from the clients, is where the class can be relearnt.
-    - ``spare`` (False): with ``exclude``, fusion's CE term and the root update of ``trust`` also leave the
-      suspect classes' outputs out: no server-side cross-entropy on the other classes' labels pushes a
-      class down that no label of its own may lift.
-    - ``clients_teach`` (False): with ``exclude`` and ``spare``, the retraining distils the vouching round's
-      clients into the fused model with fusion's loss (CE on the kept labels with the suspect classes left out
-      of it, KL to the clients' ensemble on every sample; the pre-training's optimiser and length): the
-      suspect classes keep what the clients taught, where a cross-entropy on the other classes alone loses it.
     - ``distil`` (False): no sample of a suspect class keeps its FM label, vouched or not: the retraining
       fits them to the clients' ensemble's probabilities and fusion only distils them. A clean judge's
       probabilities follow an image's content, not its trigger, so the poisoned images the judge vouches
@@ -171,13 +171,12 @@ class ClientVouching(Defense):
     """
 
     consumes = frozenset({"updates", "synthetic"})
-    omit_at_default = {"distil": False, "trust": False, "fresh": False, "average": True,  # added after the first test run
-                       "exclude": False, "spare": False, "clients_teach": False, "fusion_labels": False}
+    omit_at_default = {"distil": False, "trust": False, "fresh": False,  # added after the first test run
+                       "exclude": False, "fusion_labels": False}
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
                  top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False,
-                 trust: bool = False, fresh: bool = False, average: bool = True, exclude: bool = False,
-                 spare: bool = False, clients_teach: bool = False, fusion_labels: bool = False):
+                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -193,27 +192,15 @@ class ClientVouching(Defense):
         for name, value in (("correct", correct), ("distil", distil), ("exclude", exclude)):
             if value and scope == "all":
                 raise ValueError(f"{name} needs scope outliers, pairs or surplus: it acts on the suspect classes")
-        if spare and not exclude:
-            raise ValueError("spare leaves the suspect classes' outputs out where exclude drops their labels: "
-                             "it needs exclude: true")
-        if fusion_labels and not (exclude and retrain) or fusion_labels and spare:
+        if fusion_labels and not (exclude and retrain):
             raise ValueError("fusion_labels keeps the suspect classes' vouched labels in fusion: it needs exclude: true "
-                             "and retrain: true, and not spare")
-        if clients_teach and not (spare and retrain):
-            raise ValueError("clients_teach is a retraining that spares the suspect classes: it needs exclude: true, "
-                             "spare: true and retrain: true")
+                             "and retrain: true")
         if sum((correct, distil, exclude)) > 1:
             raise ValueError("correct, distil and exclude each decide the suspect classes' labels: choose one")
-        if not average and (correct or distil or exclude or fresh or not retrain):
-            raise ValueError("average: false distils every round from the clients' ensemble with the vouched labels; "
-                             "it takes retrain: true and none of correct, distil, exclude, fresh")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
         self.scope, self.correct, self.distil, self.trust, self.fresh = scope, correct, distil, trust, fresh
-        self.average, self.exclude, self.spare, self.clients_teach = average, exclude, spare, clients_teach
-        self.fusion_labels = fusion_labels
-        self._teach: tuple | None = None  # with clients_teach: the vouching round's (client models, weights)
+        self.exclude, self.fusion_labels = exclude, fusion_labels
         self._suspect: torch.Tensor | None = None  # with exclude: bool per class, judged suspect
-        self._teachers: dict[int, list[tuple]] = {}  # round -> its admitted (client model, weight), with average: false
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
         self._judges: list[tuple] = []  # the vouching round's (client model, weight), every prototype's
@@ -241,10 +228,6 @@ class ClientVouching(Defense):
             agg = self.trust_weigh(agg, global_model, ctx)
         if ctx.round == self.vouch_round and ctx.synthetic is not None:
             self._judges += [(u.model, w) for u, w in zip(agg.updates, agg.weights)]
-        if not self.average:  # no client parameter reaches the global model: they teach it in ``after_round``
-            self._teachers = {ctx.round: self._teachers.get(ctx.round, []) +
-                              [(u.model, w) for u, w in zip(agg.updates, agg.weights) if w > 0]}
-            return Aggregation(agg.updates, agg.weights, {k: v.clone() for k, v in global_model.state_dict().items()})
         return agg
 
     def trust_weigh(self, agg, global_model, ctx):
@@ -253,8 +236,7 @@ class ClientVouching(Defense):
         images, labels = data.images, data.labels
         if vouched is not None:
             images, labels = images[vouched.to(images.device)], labels[vouched.to(labels.device)]
-        g0 = root_update(global_model, ctx, [u.num_samples for u in agg.updates], images, labels,
-                         left_out=self.spared())
+        g0 = root_update(global_model, ctx, [u.num_samples for u in agg.updates], images, labels)
         return trust_aggregate(agg, global_model, ctx, g0)
 
     def vouch(self, prototype: int, ctx) -> torch.Tensor | None:
@@ -265,8 +247,6 @@ class ClientVouching(Defense):
         if self._judges:
             models, weights = zip(*self._judges)
             self._judges = []
-            if self.clients_teach:
-                self._teach = list(models), torch.stack(list(weights)).float()
             self._judgement = self.judge(list(models), torch.stack(list(weights)), ctx)
         if self._judgement is None or ctx.round != self.vouch_round:
             return self._vouched.get(prototype)
@@ -304,29 +284,16 @@ class ClientVouching(Defense):
         report.update(vouched=int(vouched.sum()), flagged_synthetic=(~vouched).nonzero().flatten().tolist())
         return vouched, relabelled, report
 
-    def spared(self) -> torch.Tensor | None:
-        """With ``spare``, the suspect classes (bool per class) once judged, if any; None otherwise."""
-        if not self.spare or self._suspect is None or not self._suspect.any():
-            return None
-        return self._suspect
-
     def on_fusion(self, plan, global_model, ctx):
         vouched = self.vouch(plan.prototype, ctx)
-        if self.spared() is not None:
-            plan.ce_left_out = self.spared()
         weight = torch.zeros(len(plan.keep)) if vouched is None else vouched.float()
         plan.label_weight = weight if plan.label_weight is None else plan.label_weight * weight
         return plan
 
     def after_round(self, global_model, prototype, ctx):
         vouched = self.vouch(prototype, ctx)
-        if not self.average:
-            return self.distil_ensemble(global_model, vouched, ctx)
         if (ctx.round != self.vouch_round or not self.retrain or vouched is None
                 or not (vouched.any() or prototype in self._relabelled)):
-            return global_model
-        if self._teach is not None and self.spared() is not None:  # a suspect class: the clients teach it
-            self.distil_into(global_model, *self._teach, vouched.float(), ctx, "vouch-teach", self.spared())
             return global_model
         data, recipe = ctx.synthetic, ctx.pretraining
         if self._suspect is not None:
@@ -350,28 +317,3 @@ class ClientVouching(Defense):
             fit(SupervisedModule(model, recipe.optim, recipe.augment, derive_seed(ctx.seed, "vouch-aug")),
                 loader, ctx.accelerator)
         return global_model
-
-    def distil_ensemble(self, global_model, vouched: torch.Tensor | None, ctx):
-        """With ``average: false``: distil the round's admitted clients (all prototypes, with their weights)
-        into ``global_model``; the vouched FM labels add fusion's CE term (none before the vouching round)."""
-        teachers = self._teachers.get(ctx.round, [])
-        if not teachers or ctx.pretraining.epochs < 1:
-            return global_model
-        label_weight = torch.zeros(len(ctx.synthetic.labels)) if vouched is None else vouched.float()
-        self.distil_into(global_model, [m for m, _ in teachers], torch.stack([w for _, w in teachers]).float(),
-                         label_weight, ctx, "vouch-distil")
-        return global_model
-
-    def distil_into(self, model, teachers: list, weights: torch.Tensor, label_weight: torch.Tensor, ctx, tag: str,
-                    ce_left_out: torch.Tensor | None = None) -> None:
-        """Distil the weighted ensemble of ``teachers`` into ``model`` on the synthetic set with fusion's loss
-        (CE on the labels weighted by ``label_weight``, the classes in ``ce_left_out`` left out of it; KL to the
-        ensemble on every sample) and the server's pre-training optimiser and length."""
-        data, recipe = ctx.synthetic, ctx.pretraining
-        targets = ensemble_outputs(teachers, weights, data.images)
-        steps = recipe.epochs * -(-len(data.labels) // recipe.optim.batch_size)
-        loader = training_loader(data, recipe.optim.batch_size, derive_seed(ctx.seed, tag, ctx.round), False,
-                                 steps=steps, targets=targets, label_weight=label_weight.to(data.images.device))
-        recipe_cfg = dataclasses.replace(ctx.fusion, optim=recipe.optim, augment=False)
-        fit(FusionModule(model, teachers, weights, recipe_cfg, derive_seed(ctx.seed, f"{tag}-aug"), ce_left_out=ce_left_out),
-            loader, ctx.accelerator)

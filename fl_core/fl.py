@@ -213,8 +213,7 @@ class FederatedRun:
                              client_training=ClientTraining(f.client, f.local_epochs, self.cfg.data.augment),
                              pretraining=ClientTraining(self.cfg.pretrain.optim,
                                                         self.cfg.pretrain.epochs if self.cfg.pretrain.enabled else 0,
-                                                        self.cfg.data.augment),
-                             fusion=self.cfg.fusion)
+                                                        self.cfg.data.augment))
 
     def prototype_context(self, ctx: ServerContext, p: int) -> ServerContext:
         """With several prototypes, each prototype's hooks report into their own decision dict."""
@@ -334,8 +333,7 @@ class FederatedRun:
                                          cfg.fusion.augment, steps=cfg.fusion.steps, targets=targets,
                                          label_weight=kept(plan.label_weight), target_mask=kept(plan.target_mask))
                 module = FusionModule(model, models, teacher_weights, cfg.fusion,
-                                      derive_seed(self.seed, "fusion-aug", ctx.round, p), trigger=stamp_trigger(data),
-                                      ce_left_out=plan.ce_left_out)
+                                      derive_seed(self.seed, "fusion-aug", ctx.round, p), trigger=stamp_trigger(data))
                 fit(module, loader, self.setup.accelerator, callbacks=plan.callbacks, precision=cfg.precision)
         return flag_masks
 

@@ -67,7 +67,6 @@ class ServerContext:
     rounds: int = 1  # total rounds of the run
     client_training: ClientTraining | None = None
     pretraining: ClientTraining | None = None  # the server's own pre-training recipe on synthetic data
-    fusion: object | None = None  # FusionConfig: the server's distillation recipe (CE weight, temperature)
     decisions: dict = field(default_factory=dict)
 
     @property
@@ -132,8 +131,7 @@ class FusionPlan:
     weights (0 silences a teacher), ``keep`` (which synthetic samples are distilled on; the samples it
     leaves out count as flagged), per sample the weight of its label in the CE term (``label_weight``)
     and classes masked out of its distillation target (``target_mask``: the teacher logit of a masked
-    class is pushed to -1e4), classes the CE term leaves out (``ce_left_out``: the student's output for
-    them is neither raised nor lowered by a label), and extra Lightning callbacks. The teachers themselves come from the
+    class is pushed to -1e4), and extra Lightning callbacks. The teachers themselves come from the
     aggregations (``Aggregation.updates``)."""
 
     prototype: int
@@ -143,7 +141,6 @@ class FusionPlan:
     callbacks: list = field(default_factory=list)  # extra Lightning callbacks for the fusion Trainer
     label_weight: torch.Tensor | None = None  # float (N,) over ctx.synthetic; None: every label counts 1
     target_mask: torch.Tensor | None = None  # bool (N, classes) over ctx.synthetic; None: nothing masked
-    ce_left_out: torch.Tensor | None = None  # bool (classes,): left out of the CE term's softmax (not trained)
 
 
 class Attack:

@@ -97,34 +97,17 @@ def ensemble_logits(teachers: list[nn.Module], weights: torch.Tensor, x: torch.T
     return combine_teachers(weights, torch.stack([t(x) for t in teachers]), mode)
 
 
-MASKED_LOGIT = -1e4  # a masked class's logit: probability 0 without infinities in the KL
-
-
-class WithoutClasses(nn.Module):
-    """``model`` with the classes in ``mask`` left out of its output: their logits are a constant far below
-    the rest, so a cross-entropy over the output neither raises nor lowers them."""
-
-    def __init__(self, model: nn.Module, mask: torch.Tensor):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mask", mask.bool(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).masked_fill(self.mask, MASKED_LOGIT)
+MASKED_LOGIT = -1e4  # a masked class's teacher logit: probability 0 without infinities in the KL
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, temperature: float, label_weight: torch.Tensor | None = None,
-                      ce_left_out: torch.Tensor | None = None) -> torch.Tensor:
+                      alpha: float, temperature: float, label_weight: torch.Tensor | None = None) -> torch.Tensor:
     """alpha * CE(student, label) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T));
-    with ``label_weight``, each sample's CE term is weighted (0: its label is ignored); the classes in
-    ``ce_left_out`` (bool per class) are left out of the CE term's softmax (the KL term keeps them)."""
+    with ``label_weight``, each sample's CE term is weighted (0: its label is ignored)."""
     t = temperature
     kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                   reduction="batchmean", log_target=True)
     loss = (1 - alpha) * t * t * kl
-    if ce_left_out is not None:
-        student_logits = student_logits.masked_fill(ce_left_out, MASKED_LOGIT)
     if alpha > 0:
         if label_weight is None:
             loss = loss + alpha * F.cross_entropy(student_logits, labels)
@@ -160,12 +143,10 @@ class FusionModule(_Stage):
     ``targets`` (:func:`ensemble_outputs`, un-augmented inputs only)."""
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], teacher_weights: torch.Tensor,
-                 cfg: FusionConfig, seed: int, ensemble: str = "logits", trigger=None,
-                 ce_left_out: torch.Tensor | None = None):
+                 cfg: FusionConfig, seed: int, ensemble: str = "logits", trigger=None):
         super().__init__(student, cfg.optim, cfg.augment, seed, trigger)
         self.teachers = nn.ModuleList(teachers).requires_grad_(False)
         self.register_buffer("teacher_weights", teacher_weights.float(), persistent=False)
-        self.ce_left_out = ce_left_out  # bool per class, or None
         self.alpha, self.temperature, self.ensemble = cfg.alpha, cfg.temperature, ensemble
 
     def on_train_epoch_start(self) -> None:
@@ -184,9 +165,8 @@ class FusionModule(_Stage):
                 target = ensemble_logits(list(self.teachers), self.teacher_weights, x, self.ensemble)
         if "target_mask" in extras:
             target = target.masked_fill(extras["target_mask"], MASKED_LOGIT)
-        left_out = None if self.ce_left_out is None else self.ce_left_out.to(x.device)
         loss = distillation_loss(self.model(x), target, labels, self.alpha, self.temperature,
-                                 extras.get("label_weight"), left_out)
+                                 extras.get("label_weight"))
         self.log("fusion_loss", loss, prog_bar=False, logger=False)
         return loss
 
