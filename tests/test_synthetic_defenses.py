@@ -189,15 +189,22 @@ def test_vouch_judges_with_every_client_of_the_round_whatever_its_prototype():
         assert plan.label_weight[truth].eq(0).all() and plan.label_weight[~truth].eq(1).all()
 
 
-@pytest.mark.parametrize("params", [{}, {"clip": False, "trust": True}])
+@pytest.mark.parametrize("params", [{}, {"clip": False, "trust": True},
+                                    {"clip": False, "trust": True, "scope": "surplus", "exclude": True,
+                                     "fusion_labels": True}])
 def test_vouch_runs_on_heterogeneous_prototypes(tiny_config, params):
-    cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": "vouch", "params": params}, "fl": {"rounds": 1},
+    # with exclude, half the set poisoned: enough for the tiny judge to suspect the target
+    attack = {"name": "fm", "params": {"poison_rate": 0.5}} if params.get("exclude") else {"name": "fm"}
+    cfg = tiny_config({"attack": attack, "defense": {"name": "vouch", "params": params}, "fl": {"rounds": 1},
                        "model": {"prototypes": [{"name": "cnn", "width": 0.25}, {"name": "cnn", "width": 0.5}]},
                        "runtime": {"logger": "none"}})
     record = run_cell(cfg, log=lambda *_: None)
     decisions = record["rounds"][-1]["decisions"]
     assert all(0 < decisions[f"prototype{p}"]["vouched"] <= 20 for p in (0, 1))  # each prototype vouches itself
     assert all(("trust" in decisions[f"prototype{p}"]) == bool(params) for p in (0, 1))  # trust weighed per prototype
+    if params.get("exclude"):  # one judgement: both prototypes suspect the same classes
+        assert decisions["prototype0"]["suspect_classes"] == decisions["prototype1"]["suspect_classes"] == [
+            cfg.backdoor.target]
 
 
 def test_vouch_outlier_classes_flags_the_class_that_collects_rejected_labels():
