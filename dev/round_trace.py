@@ -4,7 +4,8 @@
 runs one development cell and prints, per round, the ACC / ASR / target-class accuracy of every client model
 after local training, of the aggregate (before fusion), of the fused model and of the model the round ends
 with (after the defense's ``after_round``), so that a rise of ASR or a fall of the target class can be placed
-in local training, aggregation, fusion or the defense's own retraining. Development draws only: the script refuses a test draw.
+in local training, aggregation, fusion or the defense's own retraining. Development draws only: the script
+refuses a test draw.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.metrics import evaluate, logits
 
     print(f"attack {cfg.attack.name} {cfg.attack.params}, backdoor {cfg.backdoor}, defense {cfg.defense.name} {cfg.defense.params}")
-
     target = cfg.backdoor.target
 
     def score(run, model) -> str:

@@ -240,14 +240,15 @@ def test_vouch_pairs_flag_the_class_one_source_class_was_relabelled_into():
     assert outlier_classes(labels, rejected, 10, judged=judged).nonzero().flatten().tolist() == [4]
 
 
-def _vouch_retraining_targets(tiny_config, monkeypatch, params: dict):
+def _vouch_retraining_targets(tiny_config, monkeypatch, params: dict, models: list | None = None):
     """A one-round fm cell (half of the set poisoned) defended by ``vouch(**params)``, its retraining stubbed
-    out: the config, the vouching round's decisions and the targets the retraining was given."""
+    out: the config, the vouching round's decisions and the targets the retraining was given (the model it
+    trains is appended to ``models``)."""
     import defenses.vouch as vouch
 
     trained = []
     monkeypatch.setattr(vouch, "batch_loader", lambda images, labels, *a, **k: trained.append(labels) or [])
-    monkeypatch.setattr(vouch, "fit", lambda *a, **k: None)
+    monkeypatch.setattr(vouch, "fit", lambda module, *a, **k: None if models is None else models.append(module.model))
     cfg = tiny_config({"attack": {"name": "fm", "params": {"poison_rate": 0.5}}, "fl": {"rounds": 1},
                        "defense": {"name": "vouch", "params": params}, "runtime": {"logger": "none"}})
     record = run_cell(cfg, log=lambda *_: None)
@@ -358,9 +359,12 @@ def test_vouch_exclude_retrains_on_no_label_of_a_suspect_class_and_leaves_its_ou
     with pytest.raises(ValueError, match="fusion_labels"):
         DEFENSES.get("vouch")(scope="outliers", fusion_labels=True)
     params = {"scope": "surplus", "exclude": True, "fusion_labels": fusion_labels}
-    cfg, decisions, labels = _vouch_retraining_targets(tiny_config, monkeypatch, params)
+    retrained = []
+    cfg, decisions, labels = _vouch_retraining_targets(tiny_config, monkeypatch, params, retrained)
     target = cfg.backdoor.target
     assert decisions["suspect_classes"] == [target] and target not in labels.tolist()
+    (model,) = retrained  # the retraining trains the model with the suspect class's output left out
+    assert isinstance(model, WithoutClasses) and model.mask.nonzero().flatten().tolist() == [target]
     assert (len(labels) < decisions["vouched"]) == fusion_labels
     model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
     wrapped = WithoutClasses(model, torch.tensor([False, True, False]))
