@@ -354,8 +354,9 @@ def public_params(plugin, constructor_only: bool = False) -> dict:
 
 def without_omitted(plugin_class, params: dict) -> dict:
     """``params`` less those listed in the plugin's ``omit_at_default`` (added after results were
-    published) that hold that value: what a config key and a record's description leave out, so that
-    earlier cells keep their keys. A config keeps them explicit: the class default may differ."""
+    published, or retired at a value that changed nothing) that hold that value: what a config key and a
+    record's description leave out, so that earlier cells keep their keys. A config keeps them explicit:
+    the class default may differ."""
     omit = getattr(plugin_class, "omit_at_default", {})
     return {k: v for k, v in params.items() if not (k in omit and v == omit[k])}
 
