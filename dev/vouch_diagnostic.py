@@ -1,11 +1,11 @@
 """How well does a clean-start client ensemble vouch for the FM's labels on a zoo development draw?
 
-``python -m dev.vouch_diagnostic --draw dev000-patch-fm [--dataset cifar10]`` runs the draw's cell with
-the ``vouch`` defense for its vouching round, keeps the clients' ensemble probabilities on the synthetic
-set, and scores vouching rules against the attack's ground truth (which only this diagnostic knows):
-per rule, the share of clean samples vouched for and the share of poisoned samples leaked, then per FM
-label the counts that ``scope: outliers`` reads (rejected labels and their robust z-score). Development
-draws only: the script refuses a test draw.
+``python -m dev.vouch_diagnostic --draw dev000-patch-fm [--dataset cifar10] [--round 2]`` runs the draw's
+cell with the ``vouch`` defense up to its vouching round (or ``--round``), keeps that round's clients'
+probabilities on the synthetic set, and scores vouching rules against the attack's ground truth (which
+only this diagnostic knows): per rule, the share of clean samples vouched for (of the target class's
+too) and the share of poisoned samples leaked, then per FM label the counts that ``scope: outliers``
+reads (rejected labels and their robust z-score). Development draws only: the script refuses a test draw.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--param", action="append", default=[], help="vouch parameter k=v (YAML value)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="cell overrides (defense.* too)")
+    parser.add_argument("--round", type=int, help="the round whose clients judge (default: the vouching round; "
+                                                  "a later one shows what a renewal's judge sees)")
     parser.add_argument("--save", help="also save the judge's view (labels, ensemble probabilities, poisoned mask, "
                                        "target) to this file, for offline analysis of the vouching rules")
     args = parser.parse_args(argv)
@@ -40,15 +42,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def capture(self, agg, global_model, ctx):  # every prototype's clients, clipped: the judge is all of them
         agg = original(self, agg, global_model, ctx)
-        if ctx.round == self.vouch_round:
+        if ctx.round == judging_round:
             probs = [F.softmax(logits(u.model, ctx.synthetic.images, 500, ctx.device).float(), 1).cpu()
                      for u in agg.updates]
             captured.setdefault("probs", []).extend(probs)
             captured["labels"] = ctx.synthetic.labels.cpu()
         return agg
 
+    judging_round = args.round or cfg.defense.params.get("vouch_round", 1)
     vouch.ClientVouching.aggregate = capture
-    cfg.fl.rounds = cfg.defense.params.get("vouch_round", 1)
+    cfg.fl.rounds = judging_round
     from attacks import ATTACKS, make_trigger
     from fl_core.data import bind_trigger_pool
     from fl_core.fl import prepare
@@ -73,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * float((rank[~poisoned] == 0).float().mean()):.1f} %")
     rules = {f"top-{k}": rank < k for k in (1, 2, 3)}
     rules.update({f"ratio>={r}": ratio >= r for r in (0.25, 0.5, 0.75)})
-    rules.update({f"votes>={v}": votes >= v for v in (0.2, 0.3, 0.5)})
+    rules.update({f"votes>={v}": votes >= v for v in (0.2, 0.3, 0.5, 0.7, 0.9, 1.0)})
+    clean_target = ~poisoned & (labels == cfg.backdoor.target)
     for name, vouched in rules.items():
-        print(f"  {name:12s} clean vouched {100 * float(vouched[~poisoned].float().mean()):5.1f} %   "
+        print(f"  {name:12s} clean vouched {100 * float(vouched[~poisoned].float().mean()):5.1f} % "
+              f"(target class {100 * float(vouched[clean_target].float().mean()):5.1f} %, "
+              f"{int(vouched[clean_target].sum())})   "
               f"poison leaked {100 * float(vouched[poisoned].float().mean()):5.1f} % ({int(vouched[poisoned].sum())})")
     per_class(labels, rank, poisoned, mean.argmax(1), cfg.backdoor.target)
     if args.save:
