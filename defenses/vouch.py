@@ -164,11 +164,6 @@ class ClientVouching(Defense):
       labels; fusion's CE term and the root data of ``trust`` keep their vouched ones (as without
       ``exclude``). The long retraining is where a few leaked labels implant a trigger; fusion's short step,
       mostly distillation from the clients, is where the class can be relearnt.
-    - ``renew`` (False): in every round after the vouching round, that round's clients vouch again for
-      the suspect classes' labels (the suspect classes stay those of the vouching round): they started
-      from a model that no poisoned label trained for long, so they judge as cleanly and better (one more
-      round of training), and a suspect class's vouched labels carry fewer poisoned ones (a judge vouches
-      for a poisoned image at its confusion rate).
     - ``distil`` (False): no sample of a suspect class keeps its FM label, vouched or not: the retraining
       fits them to the clients' ensemble's probabilities and fusion only distils them. A clean judge's
       probabilities follow an image's content, not its trigger, so the poisoned images the judge vouches
@@ -177,15 +172,14 @@ class ClientVouching(Defense):
 
     consumes = frozenset({"updates", "synthetic"})
     omit_at_default = {"distil": False, "trust": False, "fresh": False,  # added after the first test run
-                       "exclude": False, "fusion_labels": False, "renew": False,
-                       # retired after round 9 (commit 23022cf has them); at these values they changed
-                       # nothing, so the round's committed cells keep their keys
-                       "average": True, "spare": False, "clients_teach": False}
+                       "exclude": False, "fusion_labels": False,
+                       # retired after rounds 9 (commit 23022cf has them) and 10 (c7536f3); at these values
+                       # they changed nothing, so the cells run while they existed keep their keys
+                       "average": True, "spare": False, "clients_teach": False, "renew": False}
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
                  top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False,
-                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False,
-                 renew: bool = False):
+                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -204,21 +198,16 @@ class ClientVouching(Defense):
         if fusion_labels and not (exclude and retrain):
             raise ValueError("fusion_labels keeps the suspect classes' vouched labels in fusion: it needs exclude: true "
                              "and retrain: true")
-        if renew and (scope == "all" or correct or distil or (exclude and not fusion_labels)):
-            raise ValueError("renew vouches again for the suspect classes' labels: it needs scope outliers, pairs, "
-                             "asymmetric or surplus, no correct or distil, and with exclude also fusion_labels")
         if sum((correct, distil, exclude)) > 1:
             raise ValueError("correct, distil and exclude each decide the suspect classes' labels: choose one")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
         self.scope, self.correct, self.distil, self.trust, self.fresh = scope, correct, distil, trust, fresh
-        self.exclude, self.fusion_labels, self.renew = exclude, fusion_labels, renew
-        self._suspect: torch.Tensor | None = None  # bool per class, judged suspect in the vouching round
+        self.exclude, self.fusion_labels = exclude, fusion_labels
+        self._suspect: torch.Tensor | None = None  # with exclude: bool per class, judged suspect
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
         self._judges: list[tuple] = []  # the vouching round's (client model, weight), every prototype's
-        self._judgement: tuple | None = None  # what ``judge`` decided last, in round ``_judged_round``
-        self._judged_round: int | None = None
-        self._given: dict[int, int] = {}  # prototype -> the round whose judgement it last got
+        self._judgement: tuple | None = None  # what ``judge`` decided in the vouching round
 
     def check(self, cfg) -> None:
         if cfg.fl.rounds < self.vouch_round:
@@ -240,7 +229,7 @@ class ClientVouching(Defense):
             ctx.report(norms=clip_to_median(agg, global_model))
         if self.trust and not (self.fresh and ctx.round <= self.vouch_round):  # fresh drops these rounds' model
             agg = self.trust_weigh(agg, global_model, ctx)
-        if ctx.synthetic is not None and (ctx.round == self.vouch_round or self.renew and ctx.round > self.vouch_round):
+        if ctx.round == self.vouch_round and ctx.synthetic is not None:
             self._judges += [(u.model, w) for u, w in zip(agg.updates, agg.weights)]
         return agg
 
@@ -255,19 +244,17 @@ class ClientVouching(Defense):
 
     def vouch(self, prototype: int, ctx) -> torch.Tensor | None:
         """The mask over ``ctx.synthetic`` (True: the FM label is kept) from the vouching round on, None
-        before it. It is judged on the first call after the vouching round's aggregations (with ``renew``,
-        every later round's too) by the ensemble of every client of the round, all prototypes together
-        (the ensemble fusion distils from), and every prototype's model gets that judgement."""
+        before it. It is judged once, on the first call after the vouching round's aggregations, by the
+        ensemble of every client of the round, all prototypes together (the ensemble fusion distils from),
+        and every prototype's model gets that judgement."""
         if self._judges:
             models, weights = zip(*self._judges)
             self._judges = []
             self._judgement = self.judge(list(models), torch.stack(list(weights)), ctx)
-            self._judged_round = ctx.round
-        if self._judgement is None or ctx.round != self._judged_round:
+        if self._judgement is None or ctx.round != self.vouch_round:
             return self._vouched.get(prototype)
         vouched, relabelled, report = self._judgement
-        if self._given.get(prototype) != ctx.round:
-            self._given[prototype] = ctx.round
+        if prototype not in self._vouched:
             self._vouched[prototype] = vouched
             if relabelled is not None:
                 self._relabelled[prototype] = relabelled
@@ -280,14 +267,13 @@ class ClientVouching(Defense):
         rank, probs = label_rank(models, data.images, data.labels, ctx.device, weights)
         vouched, relabelled, report = rank < self.top_k, None, {}
         if self.scope != "all":
-            if self._suspect is None:  # the vouching round decides the suspect classes; a renewal keeps them
-                self._suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus",
-                                                judged=probs.argmax(1) if self.scope in ("pairs", "asymmetric") else None,
-                                                asymmetric=self.scope == "asymmetric")
-            suspect = self._suspect
+            suspect = outlier_classes(data.labels, ~vouched, ctx.num_classes, surplus=self.scope == "surplus",
+                                      judged=probs.argmax(1) if self.scope in ("pairs", "asymmetric") else None,
+                                      asymmetric=self.scope == "asymmetric")
             in_suspect = suspect[data.labels.cpu()]
             vouched |= ~in_suspect
-            if self.exclude:  # the retraining leaves the suspect classes' labels out
+            if self.exclude:
+                self._suspect = suspect  # the retraining leaves these classes' labels out
                 if not self.fusion_labels:
                     vouched &= ~in_suspect
             elif self.distil:
@@ -313,7 +299,7 @@ class ClientVouching(Defense):
                 or not (vouched.any() or prototype in self._relabelled)):
             return global_model
         data, recipe = ctx.synthetic, ctx.pretraining
-        if self.exclude:
+        if self._suspect is not None:
             vouched = vouched & ~self._suspect[data.labels.cpu()]
         keep = vouched.nonzero().flatten()
         labels = data.labels[keep.to(data.labels.device)]
@@ -326,7 +312,7 @@ class ClientVouching(Defense):
             reinitialise(global_model, derive_seed(ctx.seed, "vouch-fresh", prototype))
         steps = recipe.epochs * -(-len(labels) // recipe.optim.batch_size)
         model = global_model
-        if self.exclude and self._suspect.any():  # the suspect classes' outputs rest
+        if self._suspect is not None and self._suspect.any():  # with exclude: the suspect classes' outputs rest
             model = WithoutClasses(global_model, self._suspect.to(images.device))
         if steps:
             loader = batch_loader(images, labels, recipe.optim.batch_size, derive_seed(ctx.seed, "vouch-train"),

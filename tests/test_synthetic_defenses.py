@@ -317,19 +317,14 @@ def test_vouch_trust_roots_on_the_vouched_samples_once_judged(monkeypatch):
 
 
 @pytest.mark.parametrize("fusion", ["feddf", "fedavg"])
-@pytest.mark.parametrize("renew", [False, True])
-def test_vouch_trust_weighs_a_classic_attack_round_by_round(tiny_config, fusion, renew):
-    params = {"clip": False, "trust": True}
-    if renew:
-        params.update(scope="outliers", exclude=True, fusion_labels=True, renew=True)
+def test_vouch_trust_weighs_a_classic_attack_round_by_round(tiny_config, fusion):
     cfg = tiny_config({"attack": {"name": "scaling", "params": {"num_malicious": 1, "boost": 3.0}},
-                       "defense": {"name": "vouch", "params": params},
+                       "defense": {"name": "vouch", "params": {"clip": False, "trust": True}},
                        "fl": {"rounds": 2, "fusion": fusion}, "runtime": {"logger": "none"}})
     rounds = run_cell(cfg, log=lambda *_: None)["rounds"]
     for row in rounds[1:]:
         trust = row["decisions"]["trust"]
         assert len(trust) == cfg.fl.clients_per_round and all(0 <= t <= 1 for t in trust.values())
-    assert ("vouched" in rounds[2]["decisions"]) == renew  # round 2's clients judge again
 
 
 @pytest.mark.parametrize("fresh", [False, True])
@@ -379,34 +374,3 @@ def test_vouch_exclude_retrains_on_no_label_of_a_suspect_class_and_leaves_its_ou
     torch.nn.functional.cross_entropy(out, torch.zeros(4, dtype=torch.long)).backward()
     grad = model[1].weight.grad  # the left-out class's row of the head gets no gradient; the others do
     assert grad[1].abs().max() == 0 and grad[2].abs().max() > 0
-
-
-@pytest.mark.parametrize("renew", [False, True])
-def test_vouch_renew_lets_each_later_round_judge_the_suspect_classes_again(monkeypatch, renew):
-    """With ``renew`` round 2's clients vouch again for the suspect class's labels (the class stays the
-    vouching round's suspect); the other class keeps every label. Without it round 1's judgement stays."""
-    from fl_core.hooks import Aggregation, ClientUpdate
-    import defenses.vouch as vouch
-
-    for bad in ({"scope": "all"}, {"scope": "outliers", "exclude": True}, {"scope": "outliers", "correct": True}):
-        with pytest.raises(ValueError, match="renew"):
-            DEFENSES.get("vouch")(renew=True, **bad)
-    data, truth = poisoned_set()
-    data.labels[-50:] = 1  # an unsuspected class: its labels are kept whatever a judge says
-    suspect = []
-    monkeypatch.setattr(vouch, "outlier_classes", lambda *a, **k: suspect.append(1) or torch.tensor([True, False]))
-    received = PatchReader([5.0, 0.0], [5.0, 0.0])
-    defense = DEFENSES.get("vouch")(clip=False, retrain=False, scope="outliers", renew=renew)
-    keep = torch.ones(len(truth), dtype=torch.bool)
-    masks = []
-    for round_idx, (clean, patched) in ((1, ([5.0, 0.0], [0.0, 5.0])), (2, ([0.0, 5.0], [5.0, 0.0]))):
-        clients = [ClientUpdate(i, 0, 10, PatchReader(clean, patched)) for i in range(3)]
-        ctx = ctx_for(data, round_idx)
-        defense.aggregate(Aggregation(clients, torch.ones(3)), received, ctx)
-        masks.append(defense.on_fusion(FusionPlan(0, clients, torch.ones(3), keep.clone()), received, ctx).label_weight)
-        assert ("vouched" in ctx.decisions) == (round_idx == 1 or renew)  # a judgement is reported
-    other = data.labels == 1
-    assert len(suspect) == 1  # the suspect classes are decided once, in the vouching round
-    assert torch.equal(masks[0], (~truth).float())  # round 1's judge rejects the patched images
-    assert masks[1][other].eq(1).all()
-    assert torch.equal(masks[1][~other].bool(), truth[~other] if renew else ~truth[~other])
