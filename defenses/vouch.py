@@ -194,7 +194,7 @@ class ClientVouching(Defense):
             raise ValueError("fresh restarts the retraining: it needs retrain: true")
         for name, value in (("correct", correct), ("distil", distil), ("exclude", exclude)):
             if value and scope == "all":
-                raise ValueError(f"{name} needs scope outliers, pairs or surplus: it acts on the suspect classes")
+                raise ValueError(f"{name} needs scope {' / '.join(s for s in SCOPES if s != 'all')}: it acts on the suspect classes")
         if fusion_labels and not (exclude and retrain):
             raise ValueError("fusion_labels keeps the suspect classes' vouched labels in fusion: it needs exclude: true "
                              "and retrain: true")
@@ -203,7 +203,7 @@ class ClientVouching(Defense):
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
         self.scope, self.correct, self.distil, self.trust, self.fresh = scope, correct, distil, trust, fresh
         self.exclude, self.fusion_labels = exclude, fusion_labels
-        self._suspect: torch.Tensor | None = None  # with exclude: bool per class, judged suspect
+        self._suspect: torch.Tensor | None = None  # with exclude, once judged: bool per class, suspect
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
         self._judges: list[tuple] = []  # the vouching round's (client model, weight), every prototype's
@@ -299,7 +299,7 @@ class ClientVouching(Defense):
                 or not (vouched.any() or prototype in self._relabelled)):
             return global_model
         data, recipe = ctx.synthetic, ctx.pretraining
-        if self._suspect is not None:
+        if self.exclude:  # judged by now: the retraining follows the vouching round's judgement
             vouched = vouched & ~self._suspect[data.labels.cpu()]
         keep = vouched.nonzero().flatten()
         labels = data.labels[keep.to(data.labels.device)]
@@ -312,7 +312,7 @@ class ClientVouching(Defense):
             reinitialise(global_model, derive_seed(ctx.seed, "vouch-fresh", prototype))
         steps = recipe.epochs * -(-len(labels) // recipe.optim.batch_size)
         model = global_model
-        if self._suspect is not None and self._suspect.any():  # with exclude: the suspect classes' outputs rest
+        if self.exclude and self._suspect.any():  # the suspect classes' outputs rest
             model = WithoutClasses(global_model, self._suspect.to(images.device))
         if steps:
             loader = batch_loader(images, labels, recipe.optim.batch_size, derive_seed(ctx.seed, "vouch-train"),

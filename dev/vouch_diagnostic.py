@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", help="also save the judge's view (labels, ensemble probabilities, poisoned mask, "
                                        "target) to this file, for offline analysis of the vouching rules")
     args = parser.parse_args(argv)
+    if args.round is not None and args.round < 1:
+        parser.error(f"--round must be >= 1, got {args.round}")
     from dev.zoo_cell import development_cell
 
     cfg = development_cell(parser, args.draw, args.dataset, "vouch", tuple(args.overrides))

@@ -164,3 +164,11 @@ def test_the_development_diagnostics_refuse_a_test_draw(script, capsys):
     with pytest.raises(SystemExit) as stop:
         importlib.import_module(script).main(["--draw", "test000-blend-fm"])
     assert stop.value.code == 2 and "development draws only" in capsys.readouterr().err
+
+
+def test_the_vouch_diagnostic_refuses_a_round_before_the_first(capsys):
+    from dev import vouch_diagnostic
+
+    with pytest.raises(SystemExit) as stop:
+        vouch_diagnostic.main(["--draw", "dev000-patch-fm", "--round", "0"])
+    assert stop.value.code == 2 and "--round must be >= 1" in capsys.readouterr().err
