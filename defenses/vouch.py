@@ -164,6 +164,10 @@ class ClientVouching(Defense):
       labels; fusion's CE term and the root data of ``trust`` keep their vouched ones (as without
       ``exclude``). The long retraining is where a few leaked labels implant a trigger; fusion's short step,
       mostly distillation from the clients, is where the class can be relearnt.
+    - ``before_fusion`` (False): under FedDF the retraining runs before the vouching round's fusion, on the
+      aggregated model, instead of after it: fusion, distilling from clients that learnt every class from
+      clean data, then has the last word in that round as in every other one (a class the retraining left
+      out is relearnt in the same round). FedAvg has no fusion: the retraining stays after the round.
     - ``distil`` (False): no sample of a suspect class keeps its FM label, vouched or not: the retraining
       fits them to the clients' ensemble's probabilities and fusion only distils them. A clean judge's
       probabilities follow an image's content, not its trigger, so the poisoned images the judge vouches
@@ -172,14 +176,15 @@ class ClientVouching(Defense):
 
     consumes = frozenset({"updates", "synthetic"})
     omit_at_default = {"distil": False, "trust": False, "fresh": False,  # added after the first test run
-                       "exclude": False, "fusion_labels": False,
+                       "exclude": False, "fusion_labels": False, "before_fusion": False,
                        # retired after rounds 9 (commit 23022cf has them) and 10 (c7536f3); at these values
                        # they changed nothing, so the cells run while they existed keep their keys
                        "average": True, "spare": False, "clients_teach": False, "renew": False}
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
                  top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False,
-                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False):
+                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False,
+                 before_fusion: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -198,16 +203,19 @@ class ClientVouching(Defense):
         if fusion_labels and not (exclude and retrain):
             raise ValueError("fusion_labels keeps the suspect classes' vouched labels in fusion: it needs exclude: true "
                              "and retrain: true")
+        if before_fusion and not retrain:
+            raise ValueError("before_fusion moves the retraining ahead of fusion: it needs retrain: true")
         if sum((correct, distil, exclude)) > 1:
             raise ValueError("correct, distil and exclude each decide the suspect classes' labels: choose one")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
         self.scope, self.correct, self.distil, self.trust, self.fresh = scope, correct, distil, trust, fresh
-        self.exclude, self.fusion_labels = exclude, fusion_labels
+        self.exclude, self.fusion_labels, self.before_fusion = exclude, fusion_labels, before_fusion
         self._suspect: torch.Tensor | None = None  # with exclude, once judged: bool per class, suspect
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
         self._judges: list[tuple] = []  # the vouching round's (client model, weight), every prototype's
         self._judgement: tuple | None = None  # what ``judge`` decided in the vouching round
+        self._retrained: set[int] = set()  # the prototypes whose model the vouched retraining has trained
 
     def check(self, cfg) -> None:
         if cfg.fl.rounds < self.vouch_round:
@@ -291,13 +299,22 @@ class ClientVouching(Defense):
         vouched = self.vouch(plan.prototype, ctx)
         weight = torch.zeros(len(plan.keep)) if vouched is None else vouched.float()
         plan.label_weight = weight if plan.label_weight is None else plan.label_weight * weight
+        if self.before_fusion:
+            self.retrain_once(global_model, plan.prototype, ctx, vouched)
         return plan
 
     def after_round(self, global_model, prototype, ctx):
-        vouched = self.vouch(prototype, ctx)
-        if (ctx.round != self.vouch_round or not self.retrain or vouched is None
+        self.retrain_once(global_model, prototype, ctx, self.vouch(prototype, ctx))
+        return global_model
+
+    def retrain_once(self, global_model, prototype, ctx, vouched: torch.Tensor | None) -> None:
+        """In the vouching round, the first time it is asked per prototype (before fusion with
+        ``before_fusion``, else after it; under FedAvg, which has no fusion, after the round), train
+        ``global_model`` in place on the vouched samples with the server's pre-training recipe."""
+        if (ctx.round != self.vouch_round or not self.retrain or vouched is None or prototype in self._retrained
                 or not (vouched.any() or prototype in self._relabelled)):
-            return global_model
+            return
+        self._retrained.add(prototype)
         data, recipe = ctx.synthetic, ctx.pretraining
         if self.exclude:  # judged by now: the retraining follows the vouching round's judgement
             vouched = vouched & ~self._suspect[data.labels.cpu()]
@@ -319,4 +336,3 @@ class ClientVouching(Defense):
                                   steps=steps)
             fit(SupervisedModule(model, recipe.optim, recipe.augment, derive_seed(ctx.seed, "vouch-aug")),
                 loader, ctx.accelerator)
-        return global_model

@@ -374,3 +374,22 @@ def test_vouch_exclude_retrains_on_no_label_of_a_suspect_class_and_leaves_its_ou
     torch.nn.functional.cross_entropy(out, torch.zeros(4, dtype=torch.long)).backward()
     grad = model[1].weight.grad  # the left-out class's row of the head gets no gradient; the others do
     assert grad[1].abs().max() == 0 and grad[2].abs().max() > 0
+
+
+@pytest.mark.parametrize("fusion", ["feddf", "fedavg"])
+def test_vouch_before_fusion_retrains_once_ahead_of_the_vouching_rounds_fusion(tiny_config, monkeypatch, fusion):
+    """With ``before_fusion`` the retraining (SupervisedModule) runs once, before the vouching round's fusion
+    (FusionModule) under FedDF; FedAvg has no fusion, so it runs after the round."""
+    import defenses.vouch as vouch
+    import fl_core.fl as fl
+
+    with pytest.raises(ValueError, match="before_fusion"):
+        DEFENSES.get("vouch")(before_fusion=True, retrain=False)
+    order = []
+    monkeypatch.setattr(vouch, "fit", lambda module, *a, **k: order.append("retrain"))
+    monkeypatch.setattr(fl, "fit", lambda module, *a, **k: order.append(type(module).__name__))
+    cfg = tiny_config({"attack": {"name": "fm"}, "fl": {"rounds": 1, "fusion": fusion}, "runtime": {"logger": "none"},
+                       "defense": {"name": "vouch", "params": {"before_fusion": True}}})
+    run_cell(cfg, log=lambda *_: None)
+    retraining = [o for o in order if o in ("retrain", "FusionModule")]
+    assert retraining == (["retrain", "FusionModule"] if fusion == "feddf" else ["retrain"])
