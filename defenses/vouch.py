@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defenses import DEFENSES, Defense
-from defenses._synthetic import features_and_logits, head, reinitialise
+from defenses._synthetic import head, reinitialise
 from defenses.fltrust import root_update, trust_aggregate
 from fl_core.data import batch_loader
 from fl_core.hooks import Aggregation
@@ -122,38 +122,6 @@ class WithoutClasses(nn.Module):
         return self.model(x).masked_fill(self.mask, MASKED_LOGIT)
 
 
-def fit_readout(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, device,
-                iterations: int = 100) -> None:
-    """Refit the classifier head's rows ``rows`` (bool per class), weight and bias, in place, as a linear
-    read-out of ``model``'s penultimate features of ``images``: L-BFGS on the cross-entropy over every class,
-    the other rows fixed, from the rows' current direction, each row's norm held at the median norm of the
-    other rows (a read-out on a separable set would otherwise grow without bound and outvote every class)."""
-    feats = features_and_logits(model, images, device)[0]
-    linear, idx = head(model), rows.nonzero().flatten()
-    weight, bias = linear.weight.detach().float().cpu(), linear.bias
-    fixed = feats @ weight.T + (0 if bias is None else bias.detach().float().cpu())
-    norm = weight[~rows.cpu()].norm(dim=1).median()
-    direction = weight[idx].clone().requires_grad_(True)
-    b = (torch.zeros(len(idx)) if bias is None else bias.detach().float().cpu()[idx]).requires_grad_(bias is not None)
-    optimiser = torch.optim.LBFGS([direction, b], max_iter=iterations, line_search_fn="strong_wolfe")
-    targets = labels.cpu()
-
-    def row_weights() -> torch.Tensor:
-        return norm * F.normalize(direction, dim=1)
-
-    def closure():
-        optimiser.zero_grad()
-        loss = F.cross_entropy(fixed.index_copy(1, idx, feats @ row_weights().T + b), targets)
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    with torch.no_grad():
-        linear.weight[idx.to(linear.weight.device)] = row_weights().to(linear.weight)
-        if bias is not None:
-            bias[idx.to(bias.device)] = b.to(bias)
-
-
 @DEFENSES.register("vouch")
 class ClientVouching(Defense):
     """Parameters (docs/VOUCH.md says what each was chosen on):
@@ -196,11 +164,6 @@ class ClientVouching(Defense):
       labels; fusion's CE term and the root data of ``trust`` keep their vouched ones (as without
       ``exclude``). The long retraining is where a few leaked labels implant a trigger; fusion's short step,
       mostly distillation from the clients, is where the class can be relearnt.
-    - ``readout`` (False): with ``fusion_labels``, after the retraining the suspect classes' rows of the
-      classifier head (which it left untrained) are refitted as a linear read-out of the retrained
-      features on every vouched sample, the suspect classes' vouched labels included: the features learnt
-      from no label of a suspect class, so a read-out can map what they encode of an image's content but
-      cannot learn a trigger's feature; the retrained model then knows every class.
     - ``distil`` (False): no sample of a suspect class keeps its FM label, vouched or not: the retraining
       fits them to the clients' ensemble's probabilities and fusion only distils them. A clean judge's
       probabilities follow an image's content, not its trigger, so the poisoned images the judge vouches
@@ -209,16 +172,16 @@ class ClientVouching(Defense):
 
     consumes = frozenset({"updates", "synthetic"})
     omit_at_default = {"distil": False, "trust": False, "fresh": False,  # added after the first test run
-                       "exclude": False, "fusion_labels": False, "readout": False,
-                       # retired after rounds 9 (commit 23022cf has them), 10 (c7536f3) and 12 (1355b9e); at
-                       # these values they changed nothing, so the cells run while they existed keep their keys
+                       "exclude": False, "fusion_labels": False,
+                       # retired after rounds 9 (commit 23022cf has them), 10 (c7536f3) and 12 (1355b9e,
+                       # 0a901a6); at these values they changed nothing, so the cells run while they existed
+                       # keep their keys
                        "average": True, "spare": False, "clients_teach": False, "renew": False,
-                       "before_fusion": False}
+                       "before_fusion": False, "readout": False}
 
     def __init__(self, vouch_round: int = 1, retrain: bool = True, clip: bool = True, restart: str = "all",
                  top_k: int = 1, scope: str = "all", correct: bool = False, distil: bool = False,
-                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False,
-                 readout: bool = False):
+                 trust: bool = False, fresh: bool = False, exclude: bool = False, fusion_labels: bool = False):
         if vouch_round < 1:
             raise ValueError(f"vouch_round must be >= 1, got {vouch_round}")
         if restart not in RESTART:
@@ -237,14 +200,11 @@ class ClientVouching(Defense):
         if fusion_labels and not (exclude and retrain):
             raise ValueError("fusion_labels keeps the suspect classes' vouched labels in fusion: it needs exclude: true "
                              "and retrain: true")
-        if readout and not fusion_labels:
-            raise ValueError("readout fits the suspect classes' outputs to their vouched labels: it needs "
-                             "fusion_labels: true")
         if sum((correct, distil, exclude)) > 1:
             raise ValueError("correct, distil and exclude each decide the suspect classes' labels: choose one")
         self.vouch_round, self.retrain, self.clip, self.restart, self.top_k = vouch_round, retrain, clip, restart, top_k
         self.scope, self.correct, self.distil, self.trust, self.fresh = scope, correct, distil, trust, fresh
-        self.exclude, self.fusion_labels, self.readout = exclude, fusion_labels, readout
+        self.exclude, self.fusion_labels = exclude, fusion_labels
         self._suspect: torch.Tensor | None = None  # with exclude, once judged: bool per class, suspect
         self._vouched: dict[int, torch.Tensor] = {}  # prototype -> bool mask over ctx.synthetic: keeps its FM label
         self._relabelled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prototype -> (indices, (N, C) targets)
@@ -341,10 +301,9 @@ class ClientVouching(Defense):
                 or not (vouched.any() or prototype in self._relabelled)):
             return global_model
         data, recipe = ctx.synthetic, ctx.pretraining
-        trained = vouched
         if self.exclude:  # judged by now: the retraining follows the vouching round's judgement
-            trained = vouched & ~self._suspect[data.labels.cpu()]
-        keep = trained.nonzero().flatten()
+            vouched = vouched & ~self._suspect[data.labels.cpu()]
+        keep = vouched.nonzero().flatten()
         labels = data.labels[keep.to(data.labels.device)]
         if prototype in self._relabelled:  # class probabilities as targets: one-hot FM labels, then the relabelled
             idx, targets = self._relabelled[prototype]
@@ -362,8 +321,4 @@ class ClientVouching(Defense):
                                   steps=steps)
             fit(SupervisedModule(model, recipe.optim, recipe.augment, derive_seed(ctx.seed, "vouch-aug")),
                 loader, ctx.accelerator)
-        if self.readout and self._suspect.any():  # every vouched label, the suspect classes' too
-            keep = vouched.nonzero().flatten()
-            fit_readout(global_model, data.images[keep.to(data.images.device)],
-                        data.labels[keep.to(data.labels.device)], self._suspect, ctx.device)
         return global_model

@@ -376,44 +376,6 @@ def test_vouch_exclude_retrains_on_no_label_of_a_suspect_class_and_leaves_its_ou
     assert grad[1].abs().max() == 0 and grad[2].abs().max() > 0
 
 
-def test_vouch_readout_refits_only_the_suspect_rows_of_the_head():
-    """The suspect class's row, left untrained, becomes a read-out of the features that finds the class;
-    every other row stays as it was."""
-    from defenses.vouch import fit_readout
-
-    with pytest.raises(ValueError, match="readout"):
-        DEFENSES.get("vouch")(scope="outliers", exclude=True, readout=True)
-    labels = torch.arange(3).repeat(20)
-    images = torch.zeros(60, 3, 8, 8, dtype=torch.uint8)
-    images[torch.arange(60), labels] = 200  # class c: channel c bright
-    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
-    with torch.no_grad():
-        model[1].weight.zero_()
-        model[1].bias.zero_()
-        for c in (0, 2):  # the trained rows read their channel; row 1 knows nothing
-            model[1].weight[c, c * 64:(c + 1) * 64] = 0.1
-        model[1].weight[1] = 0.01 * torch.randn(192, generator=torch.Generator().manual_seed(0))
-    before = model[1].weight.detach().clone()
-    fit_readout(model, images, labels, torch.tensor([False, True, False]), torch.device("cpu"))
-    after = model[1].weight.detach()
-    assert torch.equal(after[[0, 2]], before[[0, 2]]) and not torch.equal(after[1], before[1])
-    assert after[1].norm() == pytest.approx(before[0].norm().item(), rel=1e-5)  # a trained row's norm, no more
-    from fl_core.data import to_float
-    assert model(to_float(images)).argmax(1).eq(labels).all()
-
-
-def test_vouch_readout_follows_the_retraining_with_every_vouched_label(tiny_config, monkeypatch):
-    import defenses.vouch as vouch
-
-    calls = []
-    monkeypatch.setattr(vouch, "fit_readout", lambda model, images, labels, rows, *a: calls.append((labels, rows)))
-    params = {"scope": "surplus", "exclude": True, "fusion_labels": True, "readout": True}
-    cfg, decisions, trained = _vouch_retraining_targets(tiny_config, monkeypatch, params)
-    ((labels, rows),) = calls
-    assert rows.nonzero().flatten().tolist() == decisions["suspect_classes"] == [cfg.backdoor.target]
-    assert len(labels) == decisions["vouched"] > len(trained) and cfg.backdoor.target in labels.tolist()
-
-
 def test_clientvouch_computes_what_vouch_computes_with_the_frozen_choices(tiny_config):
     """``clientvouch`` is ``vouch`` with its development choices frozen: the same cell gives the same rounds
     (figures and decisions); only the record's name and parameters differ."""
