@@ -1,6 +1,7 @@
-"""Client vouching with its development choices frozen (``docs/VOUCH.md``): the suite's default defense
-against the FM threat, and a rule against the classic one. ``vouch`` holds every variant development
-compared; this class exposes only what a user may want to change."""
+"""Client vouching with its development choices frozen (``docs/VOUCH.md``): issue 39's defense against the
+FM threat (clean clients vouch for the FM's labels) and the classic one (FLTrust's rule against the server's
+own update). ``vouch`` holds every variant development compared; this class exposes only the choices a
+user may want to change, and computes what ``vouch`` computes with them."""
 from __future__ import annotations
 
 from defenses import DEFENSES, Defense

@@ -101,7 +101,7 @@ def test_label_free_fusion_drops_every_label_and_the_pre_training():
         DEFENSES.get("labelfree")(pretrain="never")
 
 
-@pytest.mark.parametrize("name", ["spectral", "actclust", "abl", "labelfree", "consensus", "vouch"])
+@pytest.mark.parametrize("name", ["spectral", "actclust", "abl", "labelfree", "consensus", "vouch", "clientvouch"])
 @pytest.mark.parametrize("fusion", ["feddf", "fedavg"])
 def test_each_baseline_runs_a_cell(name, fusion, tiny_config, tmp_path):
     cfg = tiny_config({"attack": {"name": "fm"}, "defense": {"name": name}, "fl": {"fusion": fusion, "rounds": 1},
