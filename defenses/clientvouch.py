@@ -21,8 +21,9 @@ class FrozenClientVouching(Defense):
       ``outliers``, ``surplus``, ``pairs`` or ``asymmetric`` find).
     - ``aggregation`` ("trust"): FLTrust's rule with the vouched samples as root data, the median-norm
       clip, or the loop's own weights (``mean``).
-    - ``suspect_labels`` ("fusion"): a suspect class's vouched labels teach in fusion only (``fusion``),
-      nowhere (``exclude``), or wherever vouched labels teach (``keep``).
+    - ``suspect_labels`` ("fusion"): a suspect class's vouched labels teach in fusion and FLTrust's root
+      data but never in the retraining (``fusion``), nowhere (``exclude``), or wherever vouched labels
+      teach (``keep``).
     """
 
     consumes = ClientVouching.consumes
