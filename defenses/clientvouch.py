@@ -5,7 +5,7 @@ user may want to change, and computes what ``vouch`` computes with them."""
 from __future__ import annotations
 
 from defenses import DEFENSES, Defense
-from defenses.vouch import SCOPES, ClientVouching
+from defenses.vouch import SUSPECT_SCOPES, ClientVouching
 
 AGGREGATIONS = ("trust", "clip", "mean")  # FLTrust's rule, the median-norm clip, or plain FedAvg / FedDF weights
 SUSPECT_LABELS = ("fusion", "exclude", "keep")  # where a suspect class's vouched labels are used
@@ -36,7 +36,7 @@ class FrozenClientVouching(Defense):
             raise ValueError(f"suspect_labels {suspect_labels!r} unknown; valid: {', '.join(SUSPECT_LABELS)}")
         if suspect_labels != "keep" and scope == "all":
             raise ValueError(f"suspect_labels {suspect_labels!r} acts on suspect classes, which scope 'all' has none "
-                             f"of: choose scope {' / '.join(s for s in SCOPES if s != 'all')} or suspect_labels 'keep'")
+                             f"of: choose scope {' / '.join(SUSPECT_SCOPES)} or suspect_labels 'keep'")
         self.vouch_round, self.top_k, self.scope = vouch_round, top_k, scope
         self.aggregation, self.suspect_labels = aggregation, suspect_labels
         self._vouch = ClientVouching(vouch_round=vouch_round, top_k=top_k, scope=scope, clip=aggregation == "clip",

@@ -43,6 +43,7 @@ from fl_core.updates import clip_rows, deltas, median, set_delta
 
 RESTART = ("all", "head")  # what is re-initialised before round 1: the whole model, or its classifier head
 SCOPES = ("all", "outliers", "pairs", "asymmetric", "surplus")  # which labels need the clients' vouch
+SUSPECT_SCOPES = SCOPES[1:]  # the scopes that find suspect classes (``all`` vouches everywhere)
 OUTLIER_Z = 3.5  # the modified z-score cut-off of Iglewicz and Hoaglin (1993), not tuned here
 
 
@@ -196,7 +197,7 @@ class ClientVouching(Defense):
             raise ValueError("fresh restarts the retraining: it needs retrain: true")
         for name, value in (("correct", correct), ("distil", distil), ("exclude", exclude)):
             if value and scope == "all":
-                raise ValueError(f"{name} needs scope {' / '.join(s for s in SCOPES if s != 'all')}: it acts on the suspect classes")
+                raise ValueError(f"{name} needs scope {' / '.join(SUSPECT_SCOPES)}: it acts on the suspect classes")
         if fusion_labels and not (exclude and retrain):
             raise ValueError("fusion_labels keeps the suspect classes' vouched labels in fusion: it needs exclude: true "
                              "and retrain: true")

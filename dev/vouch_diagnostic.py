@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.defense.params.update({k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)})
     captured = {}
     original = vouch.ClientVouching.aggregate
+    judging_round = args.round or cfg.defense.params.get("vouch_round", 1)
 
     def capture(self, agg, global_model, ctx):  # every prototype's clients, clipped: the judge is all of them
         agg = original(self, agg, global_model, ctx)
@@ -51,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             captured["labels"] = ctx.synthetic.labels.cpu()
         return agg
 
-    judging_round = args.round or cfg.defense.params.get("vouch_round", 1)
     vouch.ClientVouching.aggregate = capture
     cfg.fl.rounds = judging_round
     from attacks import ATTACKS, make_trigger

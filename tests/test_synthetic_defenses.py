@@ -386,7 +386,7 @@ def test_clientvouch_computes_what_vouch_computes_with_the_frozen_choices(tiny_c
         cfg = tiny_config({"attack": {"name": "fm", "params": {"poison_rate": 0.5}}, "fl": {"rounds": 2},
                            "defense": {"name": name, "params": params}, "runtime": {"logger": "none"}})
         runs.append(run_cell(cfg, log=lambda *_: None))
-    strip = [[{k: v for k, v in r.items() if "seconds" not in k and k != "timings"} for r in run["rounds"]]
+    strip = [[{k: v for k, v in r.items() if "seconds" not in k} for r in run["rounds"]]
              for run in runs]
     assert strip[0] == strip[1] and strip[0][1]["decisions"]["suspect_classes"]
     assert runs[0]["config"]["defense"]["name"] == "clientvouch"
@@ -398,3 +398,13 @@ def test_clientvouch_computes_what_vouch_computes_with_the_frozen_choices(tiny_c
 def test_clientvouch_refuses_bad_choices_by_name(params, message):
     with pytest.raises(ValueError, match=message):
         DEFENSES.get("clientvouch")(**params)
+
+
+@pytest.mark.parametrize("aggregation, suspect_labels, same", [
+    ("clip", "keep", {"clip": True, "trust": False, "exclude": False, "fusion_labels": False}),
+    ("mean", "exclude", {"clip": False, "trust": False, "exclude": True, "fusion_labels": False}),
+    ("trust", "fusion", {"clip": False, "trust": True, "exclude": True, "fusion_labels": True})])
+def test_clientvouch_maps_each_choice_onto_vouch(aggregation, suspect_labels, same):
+    """Every value of ``aggregation`` and ``suspect_labels`` builds the ``vouch`` variant it names."""
+    frozen = DEFENSES.get("clientvouch")(aggregation=aggregation, suspect_labels=suspect_labels)
+    assert frozen._vouch.describe() == DEFENSES.get("vouch")(scope="outliers", **same).describe()
